@@ -1,0 +1,46 @@
+"""Which implementation runs a call: the fused Triton kernels or the plain-torch path.
+
+``FASTIS_BACKEND`` (read at every call, so tests can switch it):
+
+- ``auto`` (default): Triton for CUDA tensors when Triton is importable, torch otherwise.
+- ``torch``: always the plain-torch path (``fastis.reference``).
+- ``triton``: always the Triton kernels. CPU tensors need ``TRITON_INTERPRET=1`` set before
+  the first kernel is used (Triton's interpreter); that is how the tests run the real
+  kernel code on machines without a GPU.
+"""
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """True when the call on ``tensor`` (its device decides) should run the Triton kernel."""
+    mode = os.environ.get("FASTIS_BACKEND", "auto").lower()
+    if mode not in BACKENDS:
+        raise ValueError(f"FASTIS_BACKEND must be one of {BACKENDS}, got {mode!r}")
+    if mode == "torch":
+        return False
+    if mode == "auto":
+        return tensor.is_cuda and triton_available()
+    if not triton_available():
+        raise RuntimeError("FASTIS_BACKEND=triton but triton is not installed")
+    if not tensor.is_cuda and not _interpreting():
+        raise RuntimeError(
+            f"FASTIS_BACKEND=triton on a {tensor.device.type} tensor needs TRITON_INTERPRET=1 "
+            "(set before the first kernel launch)"
+        )
+    return True
