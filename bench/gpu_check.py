@@ -1,0 +1,208 @@
+"""One script for a lent GPU: the GPU test suite, then the kernel benchmarks, in a few minutes.
+
+    python bench/gpu_check.py                 # on the GPU machine, from the repo root
+    python bench/gpu_check.py --device cpu --quick --skip-tests   # smoke run of this script
+
+Writes ``<out>/gpu_<card>.md`` (and ``.json``): the test summary, the measured copy
+bandwidth, and per kernel and shape the median time, GB/s, fraction of copy bandwidth and
+the speed-up over the baselines; plus the launch count and CUDA-graph capture of a small
+step (no host synchronisation). Later kernel issues add their section to ``SECTIONS``.
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import fastis  # noqa: E402
+from bench.shapes import DTYPES, FULL  # noqa: E402
+
+QUICK = [(1024, 10), (256, 1000)]
+
+
+def bench_ms(fn, device):
+    """Median milliseconds of ``fn()``: CUDA events via ``do_bench`` on a GPU."""
+    if device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth(device, nbytes):
+    """GB/s of a device-to-device copy (bytes read + bytes written)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src), device)
+    return 2 * nbytes / ms / 1e6
+
+
+def run_tests(report):
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "tests", "-q", "-x",
+                           "-p", "no:cacheprovider"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    report["tests"] = {"returncode": proc.returncode, "summary": lines[-1] if lines else "",
+                       "seconds": round(time.perf_counter() - start, 1),
+                       "tail": lines[-30:] if proc.returncode else []}
+
+
+def eager_score(logits, target):
+    return (torch.softmax(logits.float(), 1) - F.one_hot(target, logits.shape[1])).norm(dim=1)
+
+
+def score_section(report, device, shapes, bandwidth):
+    compiled = torch.compile(eager_score)
+    rows = []
+    for dtype in DTYPES:
+        for N, C in shapes:
+            logits = (torch.randn(N, C, device=device) * 3).to(dtype)
+            target = torch.randint(0, C, (N,), device=device)
+            nbytes = logits.numel() * logits.element_size() + target.numel() * 8 + N * 4
+            row = {"N": N, "C": C, "dtype": str(dtype).removeprefix("torch."), "bytes": nbytes}
+            for name, fn in (("fastis", fastis.score), ("eager", eager_score),
+                             ("compile", compiled)):
+                try:
+                    row[f"{name}_ms"] = bench_ms(lambda fn=fn: fn(logits, target), device)
+                except Exception as exc:  # a baseline out of memory must not end the run
+                    row[f"{name}_ms"] = None
+                    row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+            ms = row["fastis_ms"]
+            row["fastis_GBps"] = nbytes / ms / 1e6
+            row["fraction_of_copy"] = row["fastis_GBps"] / bandwidth
+            for name in ("eager", "compile"):
+                if row[f"{name}_ms"]:
+                    row[f"speedup_vs_{name}"] = row[f"{name}_ms"] / ms
+            rows.append(row)
+            del logits, target
+    report["score"] = rows
+
+
+def small_step_section(report, device):
+    """Launch count and CUDA-graph capture of fastis.score at 1024 x 10."""
+    logits = torch.randn(1024, 10, device=device)
+    target = torch.randint(0, 10, (1024,), device=device)
+    out = {}
+    if device == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        fastis.score(logits, target)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fastis.score(logits, target)
+            torch.cuda.synchronize()
+        kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+        out["kernels"] = kernels
+        try:
+            graph = torch.cuda.CUDAGraph()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                fastis.score(logits, target)  # warm up on the side stream
+            torch.cuda.current_stream().wait_stream(stream)
+            with torch.cuda.graph(graph):
+                captured = fastis.score(logits, target)
+            logits.copy_(torch.randn_like(logits))
+            graph.replay()
+            torch.cuda.synchronize()
+            ok = torch.allclose(captured, fastis.score(logits, target))
+            out["cuda_graph"] = "captured and replayed" + ("" if ok else ", WRONG RESULT")
+        except Exception as exc:
+            out["cuda_graph"] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
+    out["ms"] = bench_ms(lambda: fastis.score(logits, target), device)
+    report["score_small_step"] = out
+
+
+SECTIONS = [score_section]
+
+
+def write(report, out_dir):
+    card = re.sub(r"[^A-Za-z0-9]+", "_", report["device_name"]).strip("_").lower()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"gpu_{card}.json").write_text(json.dumps(report, indent=1))
+    lines = [f"# GPU check: {report['device_name']}", "",
+             f"{report['date']}; torch {report['torch']}, triton {report['triton']}; "
+             f"copy bandwidth {report['copy_GBps']:.0f} GB/s (read + write).", ""]
+    if "tests" in report:
+        lines += [f"Tests: `{report['tests']['summary']}` ({report['tests']['seconds']} s)", ""]
+        lines += [f"    {line}" for line in report["tests"]["tail"]]
+    if "score" in report:
+        lines += ["## fastis.score", "",
+                  "| N x C | dtype | fastis ms | GB/s | of copy | eager ms | x eager "
+                  "| compile ms | x compile |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in report["score"]:
+            def cell(key, fmt):
+                return format(r[key], fmt) if r.get(key) is not None else "-"
+            lines.append(
+                f"| {r['N']} x {r['C']} | {r['dtype']} | {cell('fastis_ms', '.4f')} | "
+                f"{cell('fastis_GBps', '.0f')} | {cell('fraction_of_copy', '.0%')} | "
+                f"{cell('eager_ms', '.4f')} | {cell('speedup_vs_eager', '.2f')} | "
+                f"{cell('compile_ms', '.4f')} | {cell('speedup_vs_compile', '.2f')} |")
+    if "score_small_step" in report:
+        s = report["score_small_step"]
+        lines += ["", f"Small step (1024 x 10): {s['ms']:.4f} ms; kernels launched: "
+                  f"{s.get('kernels', 'n/a')}; CUDA graph: {s.get('cuda_graph', 'n/a')}"]
+    for key in report:
+        if key.startswith("extra_"):
+            lines += ["", f"## {key[6:]}", "", "```", json.dumps(report[key], indent=1), "```"]
+    path = out_dir / f"gpu_{card}.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="a few small shapes only")
+    parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device; use --device cpu for a smoke run")
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
+    report = {
+        "device_name": torch.cuda.get_device_name() if device == "cuda"
+        else f"cpu {platform.processor() or platform.machine()} (smoke run)",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "torch": torch.__version__, "triton": triton_version,
+    }
+    if not args.skip_tests:
+        run_tests(report)
+    report["copy_GBps"] = copy_bandwidth(device, 1 << (24 if args.quick else 30))
+    shapes = QUICK if args.quick else FULL
+    for section in SECTIONS:
+        start = time.perf_counter()
+        section(report, device, shapes, report["copy_GBps"])
+        print(f"{section.__name__}: {time.perf_counter() - start:.1f} s", flush=True)
+    small_step_section(report, device)
+    path = write(report, args.out)
+    print(path.read_text())
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Input validation shared by the public functions.
+
+Only shapes, dtypes and devices are checked here (no tensor values), so these checks cost
+no synchronisation and ``torch.compile`` traces through them. Value checks that need the
+data (class indices in range) run inside the op, on CPU tensors only.
+"""
+
+import torch
+
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def check_logits_target(logits, target, label_smoothing: float) -> None:
+    """Validates the ``(logits, target)`` pair of ``score`` / ``cross_entropy``."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a tensor, got {type(logits).__name__}")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a tensor, got {type(target).__name__}")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be floating point, got {logits.dtype}")
+    if logits.dim() not in (2, 3):
+        raise ValueError(
+            f"logits must be [N, C] or [B, T, C], got shape {tuple(logits.shape)}"
+        )
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits must have at least one class, got shape {tuple(logits.shape)}")
+    if target.device != logits.device:
+        raise ValueError(
+            f"target is on {target.device} but logits on {logits.device}"
+        )
+    if target.is_floating_point():
+        if target.shape != logits.shape:
+            raise ValueError(
+                f"soft (floating) target must have the logits' shape {tuple(logits.shape)}, "
+                f"got {tuple(target.shape)}"
+            )
+    elif target.dtype in INDEX_DTYPES:
+        if target.shape != logits.shape[:-1]:
+            raise ValueError(
+                f"target of class indices must have shape {tuple(logits.shape[:-1])} "
+                f"for logits of shape {tuple(logits.shape)}, got {tuple(target.shape)}"
+            )
+    else:
+        raise TypeError(
+            f"target must hold int64/int32 class indices or floating probabilities, "
+            f"got {target.dtype}"
+        )
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+
+
+def check_rows(name: str, tensor, logits, trailing: bool) -> None:
+    """Checks that ``tensor`` has one entry (``trailing``: one vector) per row of ``logits``."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {tensor.dtype}")
+    if tensor.device != logits.device:
+        raise ValueError(f"{name} is on {tensor.device} but logits on {logits.device}")
+    rows = tuple(logits.shape[:-1])
+    got = tuple(tensor.shape[:-1]) if trailing else tuple(tensor.shape)
+    if got != rows or (trailing and tensor.dim() != logits.dim()):
+        want = f"{rows + ('D',)}" if trailing else f"{rows}"
+        raise ValueError(
+            f"{name} must have shape {want} for logits of shape {tuple(logits.shape)}, "
+            f"got {tuple(tensor.shape)}"
+        )

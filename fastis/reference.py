@@ -1,0 +1,108 @@
+"""Plain-torch implementations: the CPU path, and the oracle the kernels are tested against.
+
+Each function here computes exactly what its Triton kernel computes, with the same
+numerically careful formulas, in float32 (float64 when given float64 inputs, which is how
+the tests build their ground truth).
+"""
+
+import torch
+
+# Rows per chunk are chosen so that one chunk's float temporaries stay near this many
+# elements (2 MiB in float32): the several passes of the torch path then run in cache, and
+# it never needs more than a few such buffers beyond its output.
+_CHUNK_ELEMENTS = 1 << 19
+
+
+def softmax_xent(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    compute_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-row cross-entropy, gradient-norm score and (optionally) gradient w.r.t. the logits.
+
+    Args:
+        logits: ``[..., C]`` floating.
+        target: ``[...]`` integer class indices, or ``[..., C]`` floating class
+            probabilities (soft targets; ``ignore_index`` does not apply to them).
+        ignore_index: rows with this target get loss 0, score 0 and a zero gradient.
+        label_smoothing: ``e`` in ``[0, 1]``; the target becomes ``(1 - e) t + e / C``.
+        compute_grad: also return ``dloss_i / dlogits_i``.
+
+    Returns:
+        ``(loss, score, grad)``: ``loss`` and ``score`` shaped ``[...]`` in float32 (float64
+        for float64 logits); ``grad`` shaped like ``logits`` in its dtype, or ``None``.
+        With ``t`` the (smoothed) target distribution, ``T = sum(t)``, ``p = softmax(z)``:
+        ``loss = T * logsumexp(z) - <t, z>``, ``grad = T p - t``, ``score = ||grad||_2``.
+        Integer targets outside ``[0, C)`` (other than ``ignore_index``) give NaN rows;
+        range *errors* are raised by the public functions, not here.
+    """
+    rows = logits.shape[:-1]
+    C = logits.shape[-1]
+    z = logits.reshape(-1, C)
+    t = target.reshape(-1, C) if target.is_floating_point() else target.reshape(-1)
+    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    loss = torch.empty(z.shape[0], dtype=compute, device=z.device)
+    score = torch.empty_like(loss)
+    grad = torch.empty_like(z) if compute_grad else None
+    step = max(1, _CHUNK_ELEMENTS // max(C, 1))
+    for i in range(0, z.shape[0], step):
+        out = _rows(z[i : i + step].to(compute), t[i : i + step], ignore_index, label_smoothing,
+                    compute_grad)
+        loss[i : i + step], score[i : i + step] = out[0], out[1]
+        if compute_grad:
+            grad[i : i + step] = out[2]
+    return (loss.view(rows), score.view(rows),
+            grad.view(logits.shape) if compute_grad else None)
+
+
+def _rows(z, target, ignore_index, eps, compute_grad):
+    """``softmax_xent`` on one chunk of rows ``z`` ``[n, C]``, already in the compute dtype."""
+    C = z.shape[-1]
+    if target.is_floating_point():
+        t = target.to(z.dtype)
+        if eps:
+            t = (1 - eps) * t + eps / C
+        lse = torch.logsumexp(z, dim=-1)
+        total = t.sum(-1)
+        grad = torch.softmax(z, dim=-1) * total[:, None] - t
+        loss = total * lse - (t * z).sum(-1)
+        return loss, torch.linalg.vector_norm(grad, dim=-1), grad if compute_grad else None
+
+    ignored = target == ignore_index
+    in_range = (target >= 0) & (target < C)
+    y = torch.where(in_range, target, 0).long()[:, None]
+    z_y = z.gather(1, y).squeeze(1)
+    # Everything is taken relative to the largest *other* logit m, and 1 - p_y is summed
+    # from the other classes, never formed as a difference: stays exact as p_y -> 1.
+    e = z.scatter(1, y, float("-inf"))
+    m = e.amax(-1)
+    m = torch.where(m == float("-inf"), z_y, m)  # C == 1, or every other class at -inf
+    e = e.sub_(m[:, None]).exp_()  # exp(z_j - m), 0 at the target
+    s = e.sum(-1)
+    log_S = torch.logaddexp(s.log(), z_y - m)  # log sum_j exp(z_j - m)
+    lse = m + log_S
+    one_minus_p_y = torch.exp(s.log() - log_S)
+    if eps:
+        grad_y = eps * (1 - 1 / C) - one_minus_p_y
+        # e becomes p_j - eps / C for j != y, then the gradient with its exact y entry
+        grad = e.mul_(torch.exp(-log_S)[:, None]).sub_(eps / C).scatter_(1, y, grad_y[:, None])
+        score = torch.linalg.vector_norm(grad, dim=-1)
+        loss = lse - (1 - eps) * z_y - eps / C * z.sum(-1)
+    else:
+        q = torch.linalg.vector_norm(e, dim=-1).square()
+        score = torch.exp(0.5 * torch.log(s * s + q) - log_S)  # sqrt(s^2 + q) / S, no overflow
+        loss = log_S - (z_y - m)
+        if compute_grad:
+            grad = e.mul_(torch.exp(-log_S)[:, None]).scatter_(1, y, -one_minus_p_y[:, None])
+    # A target logit of NaN or +inf has no softmax (torch gives NaN too).
+    bad = ~in_range | torch.isnan(z_y) | (z_y == float("inf"))
+    nan = torch.full_like(loss, float("nan"))
+    loss = torch.where(ignored, 0.0, torch.where(bad, nan, loss))
+    score = torch.where(ignored, 0.0, torch.where(bad, nan, score))
+    if not compute_grad:
+        return loss, score, None
+    grad = torch.where(ignored[:, None], 0.0, torch.where(bad[:, None], float("nan"), grad))
+    return loss, score, grad

@@ -1,0 +1,17 @@
+"""The GPU check script must not rot between the sessions that have a GPU: smoke-run it."""
+
+import json
+
+from bench import gpu_check
+
+
+def test_gpu_check_smoke_run_on_cpu(tmp_path):
+    report = gpu_check.main(["--device", "cpu", "--quick", "--skip-tests", "--out",
+                             str(tmp_path)])
+    assert report["copy_GBps"] > 0
+    assert {r["dtype"] for r in report["score"]} == {"float32", "bfloat16"}
+    assert all(r["fastis_ms"] > 0 and r["eager_ms"] > 0 for r in report["score"])
+    (md,) = tmp_path.glob("gpu_*.md")
+    assert "fastis.score" in md.read_text()
+    (js,) = tmp_path.glob("gpu_*.json")
+    assert json.loads(js.read_text())["score"]
