@@ -81,7 +81,8 @@ def score_section(report, device, shapes, bandwidth):
             for name, fn in (("fastis", fastis.score), ("eager", eager_score),
                              ("compile", compiled)):
                 try:
-                    row[f"{name}_ms"] = bench_ms(lambda fn=fn: fn(logits, target), device)
+                    row[f"{name}_ms"] = bench_ms(
+                        lambda fn=fn, z=logits, y=target: fn(z, y), device)
                 except Exception as exc:  # a baseline out of memory must not end the run
                     row[f"{name}_ms"] = None
                     row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
@@ -149,8 +150,9 @@ def write(report, out_dir):
                   "| N x C | dtype | fastis ms | GB/s | of copy | eager ms | x eager "
                   "| compile ms | x compile |", "|---|---|---|---|---|---|---|---|---|"]
         for r in report["score"]:
-            def cell(key, fmt):
+            def cell(key, fmt, r=r):
                 return format(r[key], fmt) if r.get(key) is not None else "-"
+
             lines.append(
                 f"| {r['N']} x {r['C']} | {r['dtype']} | {cell('fastis_ms', '.4f')} | "
                 f"{cell('fastis_GBps', '.0f')} | {cell('fraction_of_copy', '.0%')} | "
