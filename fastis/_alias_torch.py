@@ -1,0 +1,130 @@
+"""Plain-torch alias tables: the CPU path and the oracle of the Triton kernels.
+
+Construction (no per-element loop). With ``q_k = N w_k / W`` (mean 1), item ``k`` is light
+when ``q_k <= 1`` (deficit ``d_k = 1 - q_k``) and heavy otherwise (excess ``e_k = q_k - 1``).
+Let ``A`` and ``H`` be the inclusive prefix sums of ``d`` and ``e`` over all items in index
+order (float64; ``H`` rescaled so that ``H_N = A_N`` despite rounding). The sequential
+sweep of Hubschle-Schneider & Sanders (each light bucket is topped up by the current heavy
+item; a heavy item whose remainder falls to <= 1 becomes a bucket itself, topped up by the
+next heavy item) has a closed form in these prefix sums:
+
+- light ``k`` is topped up by the first heavy ``h`` with ``H_h > A_{k-1}``;
+- heavy ``h`` keeps ``r_h = 1 + H_h - A_i`` where ``i`` is the first light with
+  ``A_i >= H_h``, and is topped up by the next heavy (the first ``m`` with ``H_m > H_h``).
+
+Every bucket's ``prob + (1 - prob) = 1`` goes to at most two items, and the mass of heavy
+``h`` telescopes to ``r_h + (A_{i(h)} - A_{i(h')}) + (1 - r_{h'}) = 1 + H_h - H_{h'} = q_h``
+(``h'`` the previous heavy). So the whole table is two prefix sums and two sorted
+searches: the split method with one piece per item. Where rounding leaves a bucket with no
+heavy item to point at (its deficit is then rounding-sized) it points at itself.
+
+The same closed form runs on any device (the searches are ``torch.searchsorted``); the
+Triton path fuses it (``fastis._triton.alias``).
+"""
+
+import torch
+
+# One draw needs a bucket (64 random bits, so the modulo bias is N / 2^63) and a coin
+# (53 random bits, float64 uniform); the table stores ``prob`` in float64 so that items of
+# tiny probability keep their mass (float32 would flush anything below 1e-38 to zero).
+PROB_DTYPE = torch.float64
+
+
+def index_dtype(n: int) -> torch.dtype:
+    """Smallest index dtype that holds 0..n-1 (int32 up to 2^31 - 1 items)."""
+    return torch.int32 if n <= 2**31 - 1 else torch.int64
+
+
+def build(
+    weights: torch.Tensor,
+    *,
+    out_prob: torch.Tensor | None = None,
+    out_alias: torch.Tensor | None = None,
+    out_probs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Walker alias table of 1-D non-negative ``weights`` (not checked here).
+
+    Returns ``prob`` (float64 ``[N]``), ``alias`` (int32, or int64 past 2^31 - 1 items) and
+    ``probs = w / sum(w)`` (float64 ``[N]``): a draw picks bucket ``i`` uniformly and keeps
+    it with probability ``prob[i]``, else takes ``alias[i]``. ``out_*`` are written in
+    place when given (a rebuild reuses the table's buffers).
+    """
+    n = weights.shape[0]
+    dev = weights.device
+    w = weights.to(torch.float64)
+    if out_probs is None:
+        out_probs = torch.empty(n, dtype=torch.float64, device=dev)
+    probs = torch.div(w, w.sum(), out=out_probs)
+    del w
+    q = probs * n
+    light = q <= 1.0
+    d = (1.0 - q).clamp_min_(0.0)
+    e = (q - 1.0).clamp_min_(0.0)
+    a = torch.cumsum(d, 0)
+    h = torch.cumsum(e, 0)
+    del d, e
+    # Exactly, A_N = H_N (the q sum to N); in float64 they differ by the rounding of N terms
+    # (~1e-4 at N = 2^25), and the last heavy item would absorb it all. Scaling the excesses
+    # by A_N / H_N (1 + ~1e-12) spreads it over the heavy items instead.
+    h.mul_(torch.where(h[-1] > 0, a[-1] / h[-1], 1.0))
+    # Query per item: the exclusive prefix A_{k-1} for lights, H_k for heavies.
+    a_excl = torch.empty_like(a)
+    a_excl[0] = 0.0
+    a_excl[1:] = a[:-1]
+    x = torch.where(light, a_excl, h)
+    del a_excl
+    target = torch.searchsorted(h, x, right=True)
+    del x
+    # Heavy remainders r_h = 1 + H_h - A_{i(h)}; lights keep q.
+    pos = torch.searchsorted(a, h, right=False)
+    found = pos < n
+    a_at = a.gather(0, pos.clamp_max_(n - 1))
+    del pos, a
+    r = torch.where(found, (1.0 + h - a_at).clamp_(0.0, 1.0), 1.0)
+    del a_at, h
+    self_idx = torch.arange(n, device=dev, dtype=torch.int64)
+    prob = out_prob if out_prob is not None else torch.empty(n, dtype=PROB_DTYPE, device=dev)
+    torch.where(light, q, r, out=prob)
+    alias = out_alias if out_alias is not None else torch.empty(n, dtype=index_dtype(n), device=dev)
+    alias.copy_(torch.where(target < n, target, self_idx))
+    return prob, alias, probs
+
+
+def random_buckets(
+    n: int, size: int, generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
+    """``size`` uniform int64 buckets in ``[0, n)`` from 63 random bits (bias <= n / 2^63).
+
+    (``torch.randint(0, n)`` takes 32 random bits for ``n < 2^32``: a modulo bias of up to
+    ``n / 2^32``, 1.6% at ``n = 2^26``.)
+    """
+    r = torch.empty(size, dtype=torch.int64, device=device)
+    r.random_(generator=generator)  # uniform on [0, 2^63 - 1]
+    return r.remainder_(n)
+
+
+def sample_table(
+    prob: torch.Tensor, alias: torch.Tensor, size: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    """``size`` int64 indices from the table (bucket first, then the coin)."""
+    n = prob.shape[0]
+    bucket = random_buckets(n, size, generator, prob.device)
+    coin = torch.rand(size, dtype=torch.float64, device=prob.device, generator=generator)
+    keep = coin < prob[bucket]
+    return torch.where(keep, bucket, alias[bucket].to(torch.int64))
+
+
+def sample_icdf(
+    weights: torch.Tensor, size: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-shot inverse-CDF draw: float64 cumulative sum, one sorted search per draw.
+
+    Returns the int64 indices and the float64 cumulative sum (for the probabilities).
+    Item ``k`` is drawn when ``C_{k-1} <= u C_{N-1} < C_k``, so weight-0 items never are;
+    a target rounded up past the last bucket goes to the last positive item.
+    """
+    c = torch.cumsum(weights.to(torch.float64), 0)
+    u = torch.rand(size, dtype=torch.float64, device=weights.device, generator=generator)
+    idx = torch.searchsorted(c, u.mul_(c[-1:]), right=True)
+    last_positive = torch.searchsorted(c, c[-1:], right=False)
+    return torch.minimum(idx, last_positive), c

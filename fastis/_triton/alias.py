@@ -1,0 +1,268 @@
+"""Alias tables on the GPU: parallel construction, one-row-per-draw sampling, one-shot draws.
+
+Construction is the closed form of ``fastis._alias_torch`` (read its docstring first): with
+``q = N w / W``, deficits ``d = max(1 - q, 0)`` and excesses ``e = max(q - 1, 0)``, the
+table is two prefix sums and two sorted searches per item. Two kernels:
+
+1. ``_alias_scan_kernel``: one pass over the weights: ``probs = w / W``, the block-local
+   inclusive float64 scans of ``d`` and ``e``, and each block's totals. The launcher turns
+   the (N / BLOCK) block totals into exclusive offsets with one small ``torch.cumsum``.
+2. ``_alias_fill_kernel``: per item, the global prefix values are ``local + offset``; a
+   light item searches ``H`` for its heavy partner, a heavy item searches ``A`` for its
+   remainder and ``H`` for the next heavy item. Every item is independent: the split method
+   of Hubschle-Schneider & Sanders with one piece per item (no sequential sweep at all).
+
+Draws (``_alias_sample_kernel``) read one table row each. Randomness is Philox keyed by a
+seed that ``torch.randint(generator=...)`` writes on the device: no host synchronisation,
+and the torch generator advances. Per draw, 64 bits choose the bucket (modulo bias
+N / 2^64) and 53 bits the coin.
+
+``_icdf_kernel`` is the one-shot draw of ``n`` from a small fresh ``w`` (``B`` of a few
+thousand): one launch scans ``w`` in float64 and counts, per draw, the prefix sums at or
+below its target (an inverse CDF without a stored cumulative sum).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from fastis._alias_torch import PROB_DTYPE, index_dtype
+
+# -- kernels ---------------------------------------------------------------------------------
+
+
+@triton.jit
+def _alias_scan_kernel(
+    # pointers
+    W, Total, Probs, A, H, BlockA, BlockH,
+    # sizes
+    N,
+    # meta-parameters
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    # probs = w / W and q = probs * N in float64 (the fill kernel recomputes q the same way)
+    w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float64)
+    p = w / tl.load(Total)
+    tl.store(Probs + offs, p, mask=mask)
+    q = p * N
+    d = tl.where(mask, tl.maximum(1.0 - q, 0.0), 0.0)
+    e = tl.maximum(q - 1.0, 0.0)
+    # block-local inclusive prefix sums; the last (= largest) value is the block total
+    a = tl.cumsum(d, 0)
+    h = tl.cumsum(e, 0)
+    tl.store(A + offs, a, mask=mask)
+    tl.store(H + offs, h, mask=mask)
+    tl.store(BlockA + pid, tl.max(a, 0))
+    tl.store(BlockH + pid, tl.max(h, 0))
+
+
+@triton.jit
+def _search(Loc, Off, scale, x, active, N, n_steps, BLOCK: tl.constexpr, STRICT: tl.constexpr):
+    # First m in [0, N) with G[m] > x (STRICT) or G[m] >= x, N if none, where
+    # G[m] = (Loc[m] + Off[m // BLOCK]) * scale is nondecreasing. Inactive lanes load nothing.
+    lo = tl.zeros(x.shape, tl.int64)
+    hi = lo + N
+    for _ in range(n_steps):
+        go = active & (lo < hi)
+        mid = lo + (hi - lo) // 2
+        v = tl.load(Loc + mid, mask=go, other=0.0) + tl.load(Off + mid // BLOCK, mask=go, other=0.0)
+        v = v * scale
+        if STRICT:
+            right = v <= x
+        else:
+            right = v < x
+        lo = tl.where(go & right, mid + 1, lo)
+        hi = tl.where(go & (~right), mid, hi)
+    return lo
+
+
+@triton.jit
+def _alias_fill_kernel(
+    # pointers
+    Probs, A, H, OffA, OffH, ScaleH, Prob, Alias,
+    # sizes
+    N, n_steps,
+    # meta-parameters
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    q = tl.load(Probs + offs, mask=mask, other=0.0) * N
+    light = q <= 1.0
+    heavy = mask & (~light)
+    # global prefix values at k: H_k (rescaled so that H_N = A_N), A_{k-1} for lights
+    off_a = tl.load(OffA + pid)
+    scale_h = tl.load(ScaleH)
+    h_k = (tl.load(H + offs, mask=mask, other=0.0) + tl.load(OffH + pid)) * scale_h
+    first = (offs % BLOCK) == 0
+    a_prev = tl.load(A + offs - 1, mask=mask & (~first), other=0.0) + off_a
+    x = tl.where(light, a_prev, h_k)
+    # partner: the first heavy item whose H exceeds x (next heavy for a heavy item)
+    target = _search(H, OffH, scale_h, x, mask, N, n_steps, BLOCK, True)
+    # heavy remainder r = 1 + H_k - A_i, i the first light with A_i >= H_k
+    pos = _search(A, OffA, 1.0, h_k, heavy, N, n_steps, BLOCK, False)
+    found = heavy & (pos < N)
+    a_at = tl.load(A + pos, mask=found, other=0.0)
+    a_at += tl.load(OffA + pos // BLOCK, mask=found, other=0.0)
+    r = tl.where(found, tl.minimum(tl.maximum(1.0 + h_k - a_at, 0.0), 1.0), 1.0)
+    tl.store(Prob + offs, tl.where(light, q, r), mask=mask)
+    alias = tl.where(target < N, target, offs)
+    tl.store(Alias + offs, alias.to(Alias.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _uniform53(a, b):
+    # float64 uniform on [0, 1) from 53 of the bits of two uint32
+    return ((a >> 5).to(tl.float64) * 67108864.0 + (b >> 6).to(tl.float64)) * (
+        1.0 / 9007199254740992.0
+    )
+
+
+@triton.jit
+def _alias_sample_kernel(
+    # pointers
+    Prob, Alias, Seed, Out,
+    # sizes
+    n, N,
+    # meta-parameters
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    # four Philox words per draw: 64 bits of bucket, 53 bits of coin
+    r0, r1, r2, r3 = tl.randint4x(tl.load(Seed), offs)
+    bits = (r0.to(tl.uint64) << 32) | r1.to(tl.uint64)
+    bucket = (bits % tl.to_tensor(N).to(tl.int64).to(tl.uint64)).to(tl.int64)
+    coin = _uniform53(r2, r3)
+    # one table row per draw
+    p = tl.load(Prob + bucket, mask=mask, other=1.0)
+    alias = tl.load(Alias + bucket, mask=mask, other=0).to(tl.int64)
+    tl.store(Out + offs, tl.where(coin < p, bucket, alias), mask=mask)
+
+
+@triton.jit
+def _icdf_kernel(
+    # pointers
+    W, Seed, Out, ProbsOut,
+    # sizes
+    n, N,
+    # meta-parameters
+    BLOCK_N: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = offs < n
+    r0, r1, _, _ = tl.randint4x(tl.load(Seed), offs)
+    u = _uniform53(r0, r1)
+    cols = tl.arange(0, BLOCK_B)
+    # pass 1: the total C_{N-1} (summed exactly as pass 2 sums) and the last positive item
+    total = tl.zeros((), tl.float64)
+    last = tl.full((), -1, tl.int64)
+    for start in range(0, N, BLOCK_B):
+        k = start + cols
+        w = tl.load(W + k, mask=k < N, other=0.0).to(tl.float64)
+        total = tl.max(total + tl.cumsum(w, 0), 0)
+        last = tl.maximum(last, tl.max(tl.where(w > 0.0, k.to(tl.int64), -1), 0))
+    target = u * total
+    # pass 2: the drawn item is #{k : C_k <= target}, the first k with C_k > target
+    count = tl.zeros((BLOCK_N,), tl.int64)
+    running = tl.zeros((), tl.float64)
+    for start in range(0, N, BLOCK_B):
+        k = start + cols
+        w = tl.load(W + k, mask=k < N, other=0.0).to(tl.float64)
+        c = running + tl.cumsum(w, 0)
+        below = (c[None, :] <= target[:, None]) & (k < N)[None, :]
+        count += tl.sum(below.to(tl.int64), 1)
+        running = tl.max(c, 0)
+    idx = tl.minimum(count, last)
+    p = tl.load(W + idx, mask=mask, other=0.0).to(tl.float64) / total
+    tl.store(Out + offs, idx, mask=mask)
+    tl.store(ProbsOut + offs, p.to(ProbsOut.dtype.element_ty), mask=mask)
+
+
+# -- launchers -------------------------------------------------------------------------------
+
+SCAN_BLOCK = 1024
+SAMPLE_BLOCK = 1024
+ICDF_BLOCK_N = 64
+ICDF_BLOCK_B = 256
+
+
+def _seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """A Philox seed drawn on ``device`` from the generator (advances it; no sync)."""
+    return torch.randint(
+        0, 2**62, (1,), generator=generator, device=device, dtype=torch.int64
+    )
+
+
+def build(
+    weights: torch.Tensor,
+    *,
+    out_prob: torch.Tensor | None = None,
+    out_alias: torch.Tensor | None = None,
+    out_probs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton twin of ``fastis._alias_torch.build`` (same outputs, same buffers reused)."""
+    n = weights.shape[0]
+    dev = weights.device
+    w = weights.contiguous()
+    total = torch.sum(w, dtype=torch.float64).reshape(1)
+    n_blocks = triton.cdiv(n, SCAN_BLOCK)
+    probs = out_probs if out_probs is not None else torch.empty(n, dtype=torch.float64, device=dev)
+    a = torch.empty(n, dtype=torch.float64, device=dev)
+    h = torch.empty(n, dtype=torch.float64, device=dev)
+    block_a = torch.empty(n_blocks, dtype=torch.float64, device=dev)
+    block_h = torch.empty(n_blocks, dtype=torch.float64, device=dev)
+    _alias_scan_kernel[(n_blocks,)](w, total, probs, a, h, block_a, block_h, n, BLOCK=SCAN_BLOCK)
+    # exclusive block offsets, so that a global prefix value is local + offset
+    off_a = torch.zeros_like(block_a)
+    off_h = torch.zeros_like(block_h)
+    torch.cumsum(block_a[:-1], 0, out=off_a[1:])
+    torch.cumsum(block_h[:-1], 0, out=off_h[1:])
+    # A_N / H_N (1 up to rounding; see fastis._alias_torch.build), on the device
+    tot_a = off_a[-1:] + block_a[-1:]
+    tot_h = off_h[-1:] + block_h[-1:]
+    scale_h = torch.where(tot_h > 0, tot_a / tot_h, 1.0)
+    prob = out_prob if out_prob is not None else torch.empty(n, dtype=PROB_DTYPE, device=dev)
+    alias = out_alias if out_alias is not None else torch.empty(n, dtype=index_dtype(n), device=dev)
+    _alias_fill_kernel[(n_blocks,)](
+        probs, a, h, off_a, off_h, scale_h, prob, alias, n, n.bit_length(), BLOCK=SCAN_BLOCK
+    )
+    return prob, alias, probs
+
+
+def sample_table(
+    prob: torch.Tensor, alias: torch.Tensor, size: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    """``size`` int64 draws from a table, one launch after the seed."""
+    out = torch.empty(size, dtype=torch.int64, device=prob.device)
+    if size == 0:
+        return out
+    seed = _seed(generator, prob.device)
+    grid = (triton.cdiv(size, SAMPLE_BLOCK),)
+    _alias_sample_kernel[grid](prob, alias, seed, out, size, prob.shape[0], BLOCK=SAMPLE_BLOCK)
+    return out
+
+
+def sample_icdf(
+    weights: torch.Tensor, size: int, generator: torch.Generator | None, probs_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-shot draw of ``size`` from small ``weights``: int64 indices, their probabilities."""
+    dev = weights.device
+    out = torch.empty(size, dtype=torch.int64, device=dev)
+    probs = torch.empty(size, dtype=probs_dtype, device=dev)
+    if size == 0:
+        return out, probs
+    seed = _seed(generator, dev)
+    grid = (triton.cdiv(size, ICDF_BLOCK_N),)
+    _icdf_kernel[grid](
+        weights.contiguous(), seed, out, probs, size, weights.shape[0],
+        BLOCK_N=ICDF_BLOCK_N, BLOCK_B=ICDF_BLOCK_B,
+    )
+    return out, probs

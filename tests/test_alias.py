@@ -1,0 +1,341 @@
+"""fastis.AliasTable / fastis.sample: distributions, exactness, randomness, bad input.
+
+Every test that takes ``backend`` runs the torch path and the Triton kernels (under
+TRITON_INTERPRET=1 without a GPU, so those cases use small N and n).
+"""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from fastis import _alias_torch
+from fastis.alias import AliasTable, sample
+
+P_MIN = 1e-4  # chi-square p-value floor; seeds are fixed, so a pass is a pass
+
+
+def make_weights(kind: str, n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "uniform":
+        return torch.ones(n)
+    if kind == "zipf":
+        return 1.0 / torch.arange(1, n + 1, dtype=torch.float64) ** 1.1
+    if kind == "dominant":
+        w = torch.rand(n, generator=g)
+        w[n // 3] = 1e3 * n
+        return w
+    if kind == "zeros":  # 90% zeros
+        w = torch.rand(n, generator=g, dtype=torch.float64)
+        w[torch.rand(n, generator=g) < 0.9] = 0.0
+        w[n // 2] = 0.5
+        return w
+    if kind == "two":
+        return torch.tensor([0.3, 0.7])
+    if kind == "one":
+        return torch.tensor([2.5])
+    if kind == "wide":  # 1e-30 .. 1e30, log-uniform
+        return 10.0 ** (torch.rand(n, generator=g, dtype=torch.float64) * 60 - 30)
+    if kind == "wide_flat":  # 1e-30 .. 1e30 in a few decades each, so the chi-square sees many
+        e = torch.randint(-30, 31, (n,), generator=g).double()
+        return 10.0 ** (e / 30.0) * torch.where(torch.arange(n) % 7 == 0, 1e30, 1e-30)
+    raise ValueError(kind)
+
+
+def implied(prob: torch.Tensor, alias: torch.Tensor) -> torch.Tensor:
+    """The distribution a table draws from: (prob[k] + sum_{alias[i] = k} (1 - prob[i])) / N."""
+    m = prob.double().clone()
+    m.index_add_(0, alias.long(), 1.0 - prob.double())
+    return m / prob.shape[0]
+
+
+def check_exact(table_prob, table_alias, weights):
+    """The table's implied distribution is w / sum(w) to float64 precision: prefix sums of
+    magnitude <= N round to ~N * 2^-53 absolute in bucket units (the mass of a heavy item,
+    the only kind built from prefix sums, is >= 1 bucket)."""
+    rtol = 1e-14 + 32 * weights.shape[0] * 2.0**-53
+    p = weights.double() / weights.double().sum()
+    m = implied(table_prob.cpu(), table_alias.cpu())
+    assert ((table_prob >= 0) & (table_prob <= 1)).all()
+    assert table_alias.min() >= 0 and table_alias.max() < weights.shape[0]
+    torch.testing.assert_close(m, p.cpu(), rtol=rtol, atol=0.0)
+    assert (m[p == 0] == 0).all()  # weight-0 items have no mass at all
+
+
+def check_draws(idx: torch.Tensor, weights: torch.Tensor, groups: int | None = None):
+    """Chi-square goodness of fit of int64 draws ``idx`` against ``weights``."""
+    assert idx.dtype == torch.int64
+    n_cat = weights.shape[0]
+    p = (weights.double() / weights.double().sum()).numpy()
+    idx = idx.cpu().numpy()
+    assert idx.min() >= 0 and idx.max() < n_cat
+    assert (p[idx] > 0).all(), "drew a weight-0 item"
+    counts = np.bincount(idx, minlength=n_cat).astype(np.float64)
+    if groups is not None:  # contiguous groups of categories (for N too large to bin)
+        counts = counts.reshape(groups, -1).sum(1)
+        p = p.reshape(groups, -1).sum(1)
+    expected = p * idx.shape[0]
+    # pool the categories expected fewer than 5 times into one bin
+    small = expected < 5
+    obs = np.append(counts[~small], counts[small].sum())
+    exp = np.append(expected[~small], expected[small].sum())
+    keep = exp > 0
+    obs, exp = obs[keep], exp[keep]
+    if obs.shape[0] < 2:
+        assert obs.sum() == idx.shape[0]
+        return
+    exp *= obs.sum() / exp.sum()  # remove float rounding of the total
+    assert stats.chisquare(obs, exp).pvalue > P_MIN
+
+
+CASES = [
+    ("uniform", 1000),
+    ("zipf", 1000),
+    ("dominant", 517),
+    ("zeros", 2000),
+    ("two", 2),
+    ("one", 1),
+    ("wide", 1000),
+    ("wide_flat", 700),
+]
+
+
+@pytest.mark.parametrize("kind,n_cat", CASES)
+def test_table_goodness_of_fit(backend, device, kind, n_cat):
+    w = make_weights(kind, n_cat).to(device)
+    table = AliasTable(w)
+    check_exact(table.prob, table.alias, w)
+    g = torch.Generator(device).manual_seed(1234)
+    check_draws(table.sample(40_000, generator=g), w)
+
+
+@pytest.mark.parametrize("kind,n_cat", CASES)
+@pytest.mark.parametrize("draws_per_cat", [0.25, 8])  # inverse CDF and table, on the CPU
+def test_sample_goodness_of_fit(backend, device, kind, n_cat, draws_per_cat):
+    w = make_weights(kind, n_cat).float().to(device)
+    # the fused one-shot kernel is slow under the interpreter: fewer draws there
+    n = max(5_000 if backend == "triton" else 20_000, int(draws_per_cat * n_cat))
+    if draws_per_cat < 1:
+        n = min(n, 40_000)
+    g = torch.Generator(device).manual_seed(99)
+    idx, p = sample(w, n, generator=g, return_probs=True)
+    check_draws(idx, w)
+    assert p.dtype == torch.float32
+    expect = (w.double() / w.double().sum())[idx]
+    torch.testing.assert_close(p.double(), expect, rtol=1e-6, atol=0)
+
+
+def test_one_shot_methods_all_run():
+    # the torch path's rule: inverse CDF below 4 draws per category, a table above
+    w = make_weights("zipf", 300).float()
+    for n in (10, 299 * 4, 300 * 4, 5000):
+        check_draws(sample(w, n, generator=torch.Generator().manual_seed(n)), w)
+
+
+@pytest.mark.parametrize("n_cat", [1, 2, 3, 5, 17, 1000, 1023, 1024, 1025, 3001])
+@pytest.mark.parametrize("kind", ["uniform", "zipf", "dominant", "zeros", "wide"])
+def test_triton_table_matches_input(device, n_cat, kind):
+    pytest.importorskip("triton")
+    from fastis._triton import alias as tri
+
+    if kind in ("zeros",) and n_cat < 3:
+        kind = "zipf"
+    w = make_weights(kind, n_cat).to(device)
+    prob, alias, probs = tri.build(w)
+    check_exact(prob, alias, w)
+    torch.testing.assert_close(probs, w.double() / w.double().sum(), rtol=1e-15, atol=0)
+    ref_prob, ref_alias, _ = _alias_torch.build(w.cpu())
+    torch.testing.assert_close(
+        implied(prob.cpu(), alias.cpu()), implied(ref_prob, ref_alias), rtol=1e-12, atol=0
+    )
+
+
+def test_large_beyond_multinomial_limit():
+    """N = 2^25 (> torch.multinomial's 2^24) with weights over 30 orders of magnitude."""
+    n_cat = 2**25
+    g = torch.Generator().manual_seed(7)
+    w = 10.0 ** (torch.rand(n_cat, generator=g) * 30 - 15)  # float32, 1e-15 .. 1e15
+    w[::97] = 0.0
+    table = AliasTable(w)
+    assert table.alias.dtype == torch.int32
+    p = w.double() / w.double().sum()
+    m = implied(table.prob, table.alias)
+    pos = p > 0
+    rel = ((m[pos] - p[pos]).abs() / p[pos]).max().item()
+    assert rel < 1e-6, rel
+    assert (m[~pos] == 0).all()
+    del m, p
+    idx = table.sample(2**22, generator=torch.Generator().manual_seed(8))
+    assert idx[idx >= 2**24].numel() > 0
+    check_draws(idx, w, groups=2**10)
+
+
+def test_uniform_large_groups():
+    """Past 2^24 categories, every index range is drawn at its rate (uniform, sample())."""
+    n_cat = 2**25
+    idx = sample(torch.ones(n_cat), 2**21, generator=torch.Generator().manual_seed(3))
+    check_draws(idx, torch.ones(n_cat), groups=2**9)
+
+
+def test_determinism_and_generator_advances(backend, device):
+    w = make_weights("zipf", 500).float().to(device)
+    table = AliasTable(w)
+    for draw in (
+        lambda g: table.sample(3000, generator=g),
+        lambda g: sample(w, 100, generator=g),  # inverse CDF
+        lambda g: sample(w, 5000, generator=g),  # table
+    ):
+        g1 = torch.Generator(device).manual_seed(5)
+        g2 = torch.Generator(device).manual_seed(5)
+        a1 = draw(g1)
+        assert torch.equal(a1, draw(g2))
+        state = g1.get_state()
+        b1 = draw(g1)
+        assert not torch.equal(g1.get_state(), state)
+        assert not torch.equal(a1, b1)
+
+
+def test_default_generator(backend, device):
+    w = make_weights("zipf", 200).float().to(device)
+    table = AliasTable(w)
+    torch.manual_seed(11)
+    a = table.sample(1000), sample(w, 50)
+    torch.manual_seed(11)
+    b = table.sample(1000), sample(w, 50)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_zero_draws_and_shapes(backend, device):
+    w = torch.tensor([1.0, 3.0], device=device)
+    table = AliasTable(w)
+    assert table.sample(0).shape == (0,)
+    idx, p = sample(w, 0, return_probs=True)
+    assert idx.shape == (0,) and idx.dtype == torch.int64 and p.shape == (0,)
+    assert torch.equal(sample(w[:1], 5).cpu(), torch.zeros(5, dtype=torch.int64))
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        idx, p = sample(w.to(dtype), 10, return_probs=True)
+        assert p.dtype == torch.promote_types(dtype, torch.float32)
+
+
+def test_rebuild_reuses_buffers(backend, device):
+    table = AliasTable(make_weights("zipf", 300).to(device))
+    ptrs = [t.data_ptr() for t in (table.prob, table.alias, table.probs)]
+    w2 = make_weights("dominant", 300).to(device)
+    assert table.rebuild(w2) is table
+    assert ptrs == [t.data_ptr() for t in (table.prob, table.alias, table.probs)]
+    check_exact(table.prob, table.alias, w2)
+    table.rebuild(make_weights("zipf", 301).to(device))
+    check_exact(table.prob, table.alias, make_weights("zipf", 301))
+
+
+def test_state_dict_round_trip():
+    table = AliasTable(make_weights("zeros", 400))
+    buf = io.BytesIO()
+    torch.save(table.state_dict(), buf)
+    buf.seek(0)
+    other = AliasTable(torch.ones(3))
+    other.load_state_dict(torch.load(buf))
+    g1, g2 = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    assert torch.equal(table.sample(500, generator=g1), other.sample(500, generator=g2))
+    assert table.to("cpu") is table
+    assert "num_categories=400" in repr(table)
+    sd = table.state_dict()
+    with pytest.raises(ValueError, match="missing"):
+        other.load_state_dict({"prob": sd["prob"]})
+    with pytest.raises(ValueError, match="length"):
+        other.load_state_dict({**sd, "alias": sd["alias"][:-1]})
+    with pytest.raises(ValueError, match="out of range"):
+        other.load_state_dict({**sd, "alias": sd["alias"] + 400})
+    with pytest.raises(TypeError, match="float64"):
+        other.load_state_dict({**sd, "prob": sd["prob"].float()})
+
+
+def test_return_probs_table():
+    w = make_weights("zipf", 50)
+    table = AliasTable(w)
+    idx, p = table.sample(100, generator=torch.Generator().manual_seed(0), return_probs=True)
+    torch.testing.assert_close(p, (w / w.sum())[idx], rtol=1e-15, atol=0)
+
+
+BAD_WEIGHTS = [
+    ([1.0, 2.0], TypeError, "torch.Tensor"),
+    (torch.tensor([1, 2]), TypeError, "floating"),
+    (torch.tensor([True, False]), TypeError, "floating"),
+    (torch.tensor(1.0), ValueError, "1-D"),
+    (torch.ones(2, 3), ValueError, "batched"),
+    (torch.ones(2, 3, 4), ValueError, "1-D"),
+    (torch.ones(0), ValueError, "empty"),
+    (torch.tensor([1.0, float("nan")]), ValueError, "NaN"),
+    (torch.tensor([1.0, float("inf")]), ValueError, "finite"),
+    (torch.tensor([1.0, -0.5]), ValueError, "non-negative"),
+    (torch.zeros(4), ValueError, "all be zero"),
+    (torch.tensor([1e308, 1e308], dtype=torch.float64), ValueError, "overflows"),
+]
+
+
+@pytest.mark.parametrize("weights,exc,match", BAD_WEIGHTS)
+def test_bad_weights(weights, exc, match):
+    with pytest.raises(exc, match=match):
+        AliasTable(weights)
+    with pytest.raises(exc, match=match):
+        sample(weights, 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(n=-1), ValueError, "non-negative"),
+        (dict(n=2.0), TypeError, "int"),
+        (dict(n=True), TypeError, "int"),
+        (dict(n=2, generator=3), TypeError, "Generator"),
+    ],
+)
+def test_bad_n_and_generator(kwargs, exc, match):
+    w = torch.ones(3)
+    n = kwargs.pop("n")
+    with pytest.raises(exc, match=match):
+        sample(w, n, **kwargs)
+    with pytest.raises(exc, match=match):
+        AliasTable(w).sample(n, **kwargs)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    weights=st.lists(
+        st.one_of(
+            st.just(0.0),
+            st.floats(min_value=1e-300, max_value=1e300, allow_nan=False, allow_infinity=False),
+        ),
+        min_size=1,
+        max_size=300,
+    ).filter(lambda ws: any(x > 0 for x in ws) and sum(ws) < 1e307)
+)
+def test_property_table_is_exact(weights):
+    w = torch.tensor(weights, dtype=torch.float64)
+    prob, alias, probs = _alias_torch.build(w)
+    check_exact(prob, alias, w)
+    assert alias.dtype == torch.int32
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    n_cat=st.integers(1, 2100),
+    zeros=st.floats(0.0, 0.95),
+    spread=st.floats(0.0, 40.0),
+    seed=st.integers(0, 2**31),
+)
+def test_property_triton_matches_torch(n_cat, zeros, spread, seed):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pytest.importorskip("triton")
+    from fastis._triton import alias as tri
+
+    g = torch.Generator().manual_seed(seed)
+    w = 10.0 ** (torch.rand(n_cat, generator=g, dtype=torch.float64) * spread)
+    w[torch.rand(n_cat, generator=g) < zeros] = 0.0
+    w[seed % n_cat] = 1.0
+    prob, alias, _ = tri.build(w.to(device))
+    check_exact(prob, alias, w)
