@@ -1,6 +1,7 @@
 """fastis: fast importance sampling for deep-learning training in PyTorch."""
 
+from fastis.loss import cross_entropy
 from fastis.score import score
 
-__all__ = ["score"]
+__all__ = ["cross_entropy", "score"]
 __version__ = "0.1.0"

@@ -49,17 +49,18 @@ def check_logits_target(logits, target, label_smoothing: float) -> None:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
 
 
-def check_rows(name: str, tensor, logits, trailing: bool) -> None:
-    """Checks that ``tensor`` has one entry (``trailing``: one vector) per row of ``logits``."""
+def check_rows(name: str, tensor, logits, *, rows=None, trailing: bool = False) -> None:
+    """Checks that ``tensor`` has one entry (``trailing``: one vector) per row of ``logits``
+    (or per entry of ``rows``, a leading shape of the logits)."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
     if not tensor.is_floating_point():
         raise TypeError(f"{name} must be floating point, got {tensor.dtype}")
     if tensor.device != logits.device:
         raise ValueError(f"{name} is on {tensor.device} but logits on {logits.device}")
-    rows = tuple(logits.shape[:-1])
+    rows = tuple(logits.shape[:-1] if rows is None else rows)
     got = tuple(tensor.shape[:-1]) if trailing else tuple(tensor.shape)
-    if got != rows or (trailing and tensor.dim() != logits.dim()):
+    if got != rows or (trailing and tensor.dim() != len(rows) + 1):
         want = f"{rows + ('D',)}" if trailing else f"{rows}"
         raise ValueError(
             f"{name} must have shape {want} for logits of shape {tuple(logits.shape)}, "

@@ -4,6 +4,12 @@
 (``fullgraph=True``) treats it as one opaque call on every device. Its body picks the
 backend (``fastis._backend``): the Triton kernel (``fastis._triton.softmax_xent``) or the
 plain-torch path (``fastis.reference``).
+
+Autograd: the op is differentiable w.r.t. ``logits`` through its per-row ``loss`` output.
+The backward pass runs the same kernel again with ``compute_grad=True`` and the incoming
+per-row gradient folded into ``grad_scale``: one more read of the logits and one write of
+the gradient, no buffer kept between forward and backward but the logits themselves, and
+no host synchronisation. The ``score`` output is not differentiable.
 """
 
 import torch
@@ -19,30 +25,63 @@ def softmax_xent(
     ignore_index: int,
     label_smoothing: float,
     compute_grad: bool,
+    grad_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, score, grad)`` per row; ``grad`` is empty unless ``compute_grad``."""
+    """``(loss, score, grad)`` per row, shaped ``logits.shape[:-1]``, float32 (float64 for
+    float64 logits); ``grad`` is ``grad_scale[r] * dloss_r / dlogits_r`` in the logits'
+    dtype, or empty unless ``compute_grad``."""
     if not logits.is_cuda and not target.is_floating_point():
         check_target_range(target, logits.shape[-1], ignore_index)
     if use_triton(logits):
         from fastis._triton import softmax_xent as kernel
 
-        grad = torch.empty_like(logits) if compute_grad else None
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) \
+            if compute_grad else None
+        if grad_scale is not None:
+            grad_scale = grad_scale.reshape(-1).float().contiguous()
         loss, score = kernel.softmax_xent(logits, target, ignore_index=ignore_index,
-                                          label_smoothing=label_smoothing, grad=grad)
+                                          label_smoothing=label_smoothing, grad=grad,
+                                          grad_scale=grad_scale)
     else:
         loss, score, grad = reference.softmax_xent(
             logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing,
-            compute_grad=compute_grad)
-        loss, score = loss.float(), score.float()
-    return loss, score, grad if compute_grad else logits.new_empty(0)
+            compute_grad=compute_grad, grad_scale=grad_scale)
+    dtype = _out_dtype(logits)
+    return (loss.to(dtype), score.to(dtype),
+            grad if compute_grad else logits.new_empty(0))
 
 
 @softmax_xent.register_fake
-def _(logits, target, ignore_index, label_smoothing, compute_grad):
-    rows = logits.shape[:-1]
-    loss = logits.new_empty(rows, dtype=torch.float32)
-    grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+def _(logits, target, ignore_index, label_smoothing, compute_grad, grad_scale=None):
+    loss = logits.new_empty(logits.shape[:-1], dtype=_out_dtype(logits))
+    grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty(0)
     return loss, torch.empty_like(loss), grad
+
+
+def _out_dtype(logits):
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, ignore_index, label_smoothing, compute_grad, _ = inputs
+    if compute_grad:
+        ctx.not_differentiable = True
+        return
+    ctx.not_differentiable = False
+    ctx.save_for_backward(logits, target)
+    ctx.ignore_index, ctx.label_smoothing = ignore_index, label_smoothing
+
+
+def _backward(ctx, grad_loss, grad_score, grad_grad):
+    if ctx.not_differentiable:
+        raise RuntimeError("fastis::softmax_xent with compute_grad=True is not differentiable")
+    logits, target = ctx.saved_tensors
+    _, _, grad = softmax_xent(logits, target, ctx.ignore_index, ctx.label_smoothing, True,
+                              grad_loss)
+    return grad, None, None, None, None, None
+
+
+softmax_xent.register_autograd(_backward, setup_context=_setup_context)
 
 
 def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:

@@ -20,6 +20,7 @@ def softmax_xent(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     compute_grad: bool = False,
+    grad_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-row cross-entropy, gradient-norm score and (optionally) gradient w.r.t. the logits.
 
@@ -29,7 +30,8 @@ def softmax_xent(
             probabilities (soft targets; ``ignore_index`` does not apply to them).
         ignore_index: rows with this target get loss 0, score 0 and a zero gradient.
         label_smoothing: ``e`` in ``[0, 1]``; the target becomes ``(1 - e) t + e / C``.
-        compute_grad: also return ``dloss_i / dlogits_i``.
+        compute_grad: also return ``grad_scale_i * dloss_i / dlogits_i``.
+        grad_scale: optional per-row factor for the gradient, shaped ``[...]``.
 
     Returns:
         ``(loss, score, grad)``: ``loss`` and ``score`` shaped ``[...]`` in float32 (float64
@@ -46,11 +48,12 @@ def softmax_xent(
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
     loss = torch.empty(z.shape[0], dtype=compute, device=z.device)
     score = torch.empty_like(loss)
-    grad = torch.empty_like(z) if compute_grad else None
+    grad = torch.empty(z.shape, dtype=z.dtype, device=z.device) if compute_grad else None
     step = max(1, _CHUNK_ELEMENTS // max(C, 1))
+    scale = grad_scale.reshape(-1) if grad_scale is not None else None
     for i in range(0, z.shape[0], step):
         out = _rows(z[i : i + step].to(compute), t[i : i + step], ignore_index, label_smoothing,
-                    compute_grad)
+                    compute_grad, None if scale is None else scale[i : i + step].to(compute))
         loss[i : i + step], score[i : i + step] = out[0], out[1]
         if compute_grad:
             grad[i : i + step] = out[2]
@@ -58,7 +61,7 @@ def softmax_xent(
             grad.view(logits.shape) if compute_grad else None)
 
 
-def _rows(z, target, ignore_index, eps, compute_grad):
+def _rows(z, target, ignore_index, eps, compute_grad, scale):
     """``softmax_xent`` on one chunk of rows ``z`` ``[n, C]``, already in the compute dtype."""
     C = z.shape[-1]
     if target.is_floating_point():
@@ -69,7 +72,10 @@ def _rows(z, target, ignore_index, eps, compute_grad):
         total = t.sum(-1)
         grad = torch.softmax(z, dim=-1) * total[:, None] - t
         loss = total * lse - (t * z).sum(-1)
-        return loss, torch.linalg.vector_norm(grad, dim=-1), grad if compute_grad else None
+        score = torch.linalg.vector_norm(grad, dim=-1)
+        if compute_grad and scale is not None:
+            grad = grad * scale[:, None]
+        return loss, score, grad if compute_grad else None
 
     ignored = target == ignore_index
     in_range = (target >= 0) & (target < C)
@@ -104,5 +110,7 @@ def _rows(z, target, ignore_index, eps, compute_grad):
     score = torch.where(ignored, 0.0, torch.where(bad, nan, score))
     if not compute_grad:
         return loss, score, None
+    if scale is not None:
+        grad = grad * torch.where(ignored, 0.0, scale)[:, None]
     grad = torch.where(ignored[:, None], 0.0, torch.where(bad[:, None], float("nan"), grad))
     return loss, score, grad

@@ -62,4 +62,4 @@ def score(
             g = g * torch.sqrt(h * h + 1.0) if bias else g * h
         if logits.dim() == 3:
             g = torch.linalg.vector_norm(g, dim=1)
-    return g
+    return g.float()

@@ -1,0 +1,267 @@
+"""fastis.cross_entropy: loss, gradients and score against float64 torch, on both backends."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastis
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+REDUCTIONS = ["none", "mean", "sum"]
+
+
+def truth(logits, target, weight, reduction, ignore_index=-100, label_smoothing=0.0):
+    """Float64 loss and gradients from torch's own cross-entropy, weighted by hand."""
+    z = logits.detach().double().requires_grad_(True)
+    w = None if weight is None else weight.detach().double().requires_grad_(weight.requires_grad)
+    C = z.shape[-1]
+    t = target.double() if target.is_floating_point() else target.long()
+    flat_t = t.reshape(-1, C) if t.is_floating_point() else t.reshape(-1)
+    rows = F.cross_entropy(z.reshape(-1, C), flat_t, reduction="none",
+                           ignore_index=ignore_index, label_smoothing=label_smoothing)
+    rows = rows.reshape(z.shape[:-1])
+    if w is not None:
+        rows = rows * (w[:, None] if z.dim() == 3 else w)
+    if reduction == "sum":
+        loss = rows.sum()
+    elif reduction == "mean":
+        n = rows.numel() if t.is_floating_point() else (t != ignore_index).sum()
+        loss = rows.sum() / n
+    else:
+        loss = rows
+    v = torch.randn(loss.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    inputs = [z] + ([w] if w is not None and w.requires_grad else [])
+    grads = torch.autograd.grad(loss, inputs, grad_outputs=v.to(loss.device))
+    return loss.detach(), grads, v
+
+
+def check(logits, target, weight=None, reduction="mean", **kw):
+    z = logits.detach().clone().requires_grad_(True)
+    loss, score = fastis.cross_entropy(z, target, sample_weight=weight, reduction=reduction,
+                                       return_score=True, **kw)
+    ref_loss, ref_grads, v = truth(logits, target, weight, reduction, **kw)
+    assert loss.dtype == torch.float32 and loss.shape == ref_loss.shape
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-5, atol=1e-6)
+    inputs = [z] + ([weight] if weight is not None and weight.requires_grad else [])
+    grads = torch.autograd.grad(loss, inputs, grad_outputs=v.to(loss))
+    assert grads[0].dtype == logits.dtype
+    if logits.dtype == torch.float32:
+        torch.testing.assert_close(grads[0].double(), ref_grads[0], rtol=2e-5, atol=1e-7)
+    else:
+        # stored in a 16-bit dtype: within one unit in the last place of the exact gradient
+        # (Triton's interpreter truncates float32 -> bfloat16 stores; GPUs round to nearest)
+        exact = ref_grads[0]
+        ulp = torch.finfo(logits.dtype).eps * exact.abs()
+        err = (grads[0].double() - exact).abs()
+        assert (err <= ulp + 1e-6 * exact.abs().max()).all()
+    if len(grads) > 1:
+        # dloss/dw is the loss itself, known to float32 rounding of the logits' scale
+        torch.testing.assert_close(grads[1].double(), ref_grads[1], rtol=2e-5, atol=1e-6)
+    # the score from the same pass is fastis.score's, bit for bit
+    assert not score.requires_grad
+    same = fastis.score(logits, target, ignore_index=kw.get("ignore_index", -100),
+                        label_smoothing=kw.get("label_smoothing", 0.0))
+    torch.testing.assert_close(score, same, rtol=0, atol=0, equal_nan=True)
+
+
+def make(shape, dtype, device, seed, soft=False, ignore=0.0, weighted=True):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(shape, generator=g, dtype=torch.float64) * 3).to(device, dtype)
+    C = shape[-1]
+    if soft:
+        target = torch.softmax(torch.randn(shape, generator=g), -1).to(device)
+    else:
+        target = torch.randint(0, C, shape[:-1], generator=g)
+        target[torch.rand(shape[:-1], generator=g) < ignore] = -100
+        target = target.to(device)
+    weight = None
+    if weighted:
+        weight = (torch.rand(shape[0], generator=g) * 2).to(device).requires_grad_(True)
+    return logits, target, weight
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("N,C", [(9, 1), (17, 10), (6, 1000), (2, 131072)])
+def test_matches_torch(backend, device, dtype, reduction, N, C):
+    logits, target, weight = make((N, C), dtype, device, seed=N + C, ignore=0.2)
+    check(logits, target, weight, reduction)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_soft_targets_and_smoothing(backend, device, reduction, eps):
+    logits, target, weight = make((11, 37), torch.float32, device, seed=1, soft=True)
+    check(logits, target, weight, reduction, label_smoothing=eps)
+    logits, target, weight = make((11, 37), torch.bfloat16, device, seed=2, ignore=0.3)
+    check(logits, target, weight, reduction, label_smoothing=0.2)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_sequences(backend, device, reduction):
+    logits, target, weight = make((3, 5, 29), torch.float32, device, seed=3, ignore=0.3)
+    check(logits, target, weight, reduction)
+    check(logits, target.masked_fill(target == -100, 7), None, reduction, ignore_index=7)
+    logits, target, weight = make((3, 5, 29), torch.float32, device, seed=4, soft=True)
+    check(logits, target, weight, reduction, label_smoothing=0.1)
+
+
+def test_unweighted_equals_torch(backend, device):
+    logits, target, _ = make((13, 50), torch.float32, device, seed=5, ignore=0.2)
+    for reduction in REDUCTIONS:
+        ours = fastis.cross_entropy(logits, target, reduction=reduction)
+        torch.testing.assert_close(ours, F.cross_entropy(logits, target, reduction=reduction))
+
+
+def test_weight_without_grad_and_int32_target(backend, device):
+    logits, target, weight = make((8, 6), torch.float32, device, seed=6)
+    check(logits, target.int(), weight.detach(), "sum")
+
+
+def test_all_ignored_mean_is_nan_like_torch(backend, device):
+    logits = torch.randn(4, 3, device=device)
+    target = torch.full((4,), -100, device=device)
+    assert fastis.cross_entropy(logits, target).isnan()
+    assert F.cross_entropy(logits, target).isnan()
+    assert fastis.cross_entropy(logits, target, reduction="sum") == 0
+
+
+def test_backward_twice_with_retain_graph(backend, device):
+    logits, target, weight = make((5, 7), torch.float32, device, seed=7)
+    z = logits.clone().requires_grad_(True)
+    loss = fastis.cross_entropy(z, target, sample_weight=weight)
+    loss.backward(retain_graph=True)
+    first = z.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(z.grad, 2 * first)
+
+
+def test_gradcheck_torch_path(monkeypatch):
+    monkeypatch.setenv("FASTIS_BACKEND", "torch")
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 3, -100, 1, 2])
+    w = torch.rand(5, generator=g, dtype=torch.float64, requires_grad=True)
+    soft = torch.softmax(torch.randn(5, 4, generator=g, dtype=torch.float64), 1)
+    for reduction in REDUCTIONS:
+        for target, eps in ((y, 0.0), (y, 0.3), (soft, 0.1)):
+            def f(z, w, target=target, eps=eps, reduction=reduction):
+                return fastis.cross_entropy(z, target, sample_weight=w, reduction=reduction,
+                                            label_smoothing=eps)
+            assert torch.autograd.gradcheck(f, (z, w))
+
+
+def test_opcheck_with_autograd(backend, device):
+    z = torch.randn(6, 11, device=device, requires_grad=True)
+    y = torch.randint(0, 11, (6,), device=device)
+    torch.library.opcheck(torch.ops.fastis.softmax_xent.default, (z, y, -100, 0.0, False, None))
+
+
+def test_compiled_training_step(backend, device):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 5)).to(device)
+    x = torch.randn(12, 8, device=device)
+    y = torch.randint(0, 5, (12,), device=device)
+    w = torch.rand(12, device=device)
+
+    def step(x, y, w):
+        loss, score = fastis.cross_entropy(model(x), y, sample_weight=w, return_score=True)
+        return loss, score
+
+    compiled = torch.compile(step, fullgraph=True)
+    grads = []
+    for fn in (step, compiled):
+        model.zero_grad()
+        loss, score = fn(x, y, w)
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()] + [loss, score])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_autocast_bfloat16(backend, device):
+    torch.manual_seed(1)
+    layer = torch.nn.Linear(8, 10).to(device)
+    x = torch.randn(16, 8, device=device)
+    y = torch.randint(0, 10, (16,), device=device)
+    results = []
+    for loss_fn in (fastis.cross_entropy, F.cross_entropy):
+        layer.zero_grad()
+        with torch.autocast(device_type=device, dtype=torch.bfloat16):
+            logits = layer(x)
+            assert logits.dtype == torch.bfloat16
+            loss = loss_fn(logits, y)
+        loss.backward()
+        results.append((loss.float(), layer.weight.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf")])
+def test_bad_weights_raise_on_cpu(bad):
+    w = torch.ones(4)
+    w[2] = bad
+    with pytest.raises(ValueError, match="sample_weight must be finite and non-negative"):
+        fastis.cross_entropy(torch.randn(4, 3), torch.zeros(4, dtype=torch.long),
+                             sample_weight=w)
+
+
+def test_bad_weights_poison_their_row_where_unchecked(backend, device):
+    # what CUDA and compiled code get: no check (it would synchronise), a NaN instead
+    from fastis.loss import _checked_weight
+
+    w = torch.tensor([1.0, -1.0, float("inf"), 2.0], device=device)
+    with torch.compiler.set_stance("default"), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.compiler, "is_compiling", lambda: True)
+        got = _checked_weight(w, torch.randn(4, 3, device=device))
+    assert got[1:3].isnan().all() and got[[0, 3]].tolist() == [1.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"sample_weight": torch.ones(3)}, ValueError, r"sample_weight must have shape \(4,\)"),
+        ({"sample_weight": torch.ones(4, 1)}, ValueError, "sample_weight must have shape"),
+        ({"sample_weight": torch.ones(4, dtype=torch.long)}, TypeError,
+         "sample_weight must be floating"),
+        ({"sample_weight": torch.ones(4, device="meta")}, ValueError, "sample_weight is on meta"),
+        ({"reduction": "avg"}, ValueError, "reduction must be one of"),
+        ({"label_smoothing": -0.1}, ValueError, "label_smoothing"),
+    ],
+)
+def test_bad_input(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fastis.cross_entropy(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), **kwargs)
+
+
+def test_bad_input_sequences():
+    with pytest.raises(ValueError, match=r"sample_weight must have shape \(2,\)"):
+        fastis.cross_entropy(torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long),
+                             sample_weight=torch.ones(6))
+    with pytest.raises(ValueError, match="class index 5"):
+        fastis.cross_entropy(torch.randn(2, 3, 5), torch.full((2, 3), 5))
+
+
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(
+    N=st.integers(1, 16),
+    T=st.one_of(st.none(), st.integers(1, 3)),
+    C=st.integers(1, 300),
+    dtype=st.sampled_from(DTYPES),
+    soft=st.booleans(),
+    weighted=st.booleans(),
+    reduction=st.sampled_from(REDUCTIONS),
+    eps=st.sampled_from([0.0, 0.2]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property(backend, device, N, T, C, dtype, soft, weighted, reduction, eps, seed):
+    shape = (N, C) if T is None else (N, T, C)
+    logits, target, weight = make(shape, dtype, device, seed, soft=soft, ignore=0.2,
+                                  weighted=weighted)
+    if reduction == "mean" and not soft and (target == -100).all():
+        target.view(-1)[0] = 0  # an all-ignored mean is NaN, tested on its own
+    check(logits, target, weight, reduction, label_smoothing=eps)
