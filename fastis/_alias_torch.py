@@ -48,7 +48,68 @@ def build(
     ``probs = w / sum(w)`` (float64 ``[N]``): a draw picks bucket ``i`` uniformly and keeps
     it with probability ``prob[i]``, else takes ``alias[i]``. ``out_*`` are written in
     place when given (a rebuild reuses the table's buffers).
+
+    On the CPU the lights and heavies are compacted and only the heavies search (``K``
+    sorted searches into the ``L`` lights' prefix sums); the lights' partners then follow
+    from one counting pass. On CUDA it is ``build_dense`` (no data-dependent shapes).
     """
+    if weights.is_cuda:
+        return build_dense(weights, out_prob=out_prob, out_alias=out_alias, out_probs=out_probs)
+    n = weights.shape[0]
+    dev = weights.device
+    w = weights.to(torch.float64)
+    if out_probs is None:
+        out_probs = torch.empty(n, dtype=torch.float64, device=dev)
+    probs = torch.div(w, w.sum(), out=out_probs)
+    del w
+    q = probs * n
+    light = q <= 1.0
+    li = light.nonzero().squeeze(1)
+    hi = light.logical_not_().nonzero().squeeze(1)
+    del light
+    prob = out_prob if out_prob is not None else torch.empty(n, dtype=PROB_DTYPE, device=dev)
+    alias = out_alias if out_alias is not None else torch.empty(n, dtype=index_dtype(n), device=dev)
+    prob.copy_(q)  # lights keep q; heavies are overwritten below
+    n_light, n_heavy = li.shape[0], hi.shape[0]
+    if n_heavy == 0 or n_light == 0:  # all q == 1 up to rounding: every bucket is its own
+        alias.copy_(torch.arange(n, device=dev))
+        prob.fill_(1.0)
+        return prob, alias, probs
+    a = torch.cumsum(q[li].neg_().add_(1.0), 0)  # A over the lights, in order
+    h = torch.cumsum(q[hi].sub_(1.0), 0)  # H over the heavies
+    del q
+    # A_L = H_K exactly; rescale H so rounding does not land on the last heavy (build_dense)
+    h.mul_(a[-1] / h[-1])
+    # heavy h: pos = the first light with A >= H_h; it keeps r = 1 + H_h - A_pos
+    pos = torch.searchsorted(a, h, right=False)
+    found = pos < n_light
+    r = torch.where(found, (1.0 + h - a[pos.clamp_max(n_light - 1)]).clamp_(0.0, 1.0), 1.0)
+    prob[hi] = r
+    del a, r, found
+    # light j is topped up by heavy number #{h : pos_h < j} (the first with H_h > A_{j-1})
+    counts = torch.bincount((pos + 1).clamp_max_(n_light), minlength=n_light + 1)[:n_light]
+    rank = torch.cumsum(counts, 0)
+    del counts, pos
+    alias[li] = torch.where(rank < n_heavy, hi[rank.clamp_max_(n_heavy - 1)], li).to(alias.dtype)
+    del rank
+    # heavy h is topped up by the next heavy whose H is strictly larger (ties: rounding)
+    step = torch.full((n_heavy,), n_heavy, dtype=torch.int64, device=dev)
+    step[:-1] = torch.where(h[1:] > h[:-1], torch.arange(1, n_heavy, device=dev), n_heavy)
+    nxt = step.flip(0).cummin(0).values.flip(0)
+    alias[hi] = torch.where(nxt < n_heavy, hi[nxt.clamp_max_(n_heavy - 1)], hi).to(alias.dtype)
+    return prob, alias, probs
+
+
+def build_dense(
+    weights: torch.Tensor,
+    *,
+    out_prob: torch.Tensor | None = None,
+    out_alias: torch.Tensor | None = None,
+    out_probs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``build`` with one search per item over the full prefix sums: no compaction, so no
+    data-dependent shapes (no host synchronisation on CUDA). The layout of the Triton
+    kernels, and the torch path's build on CUDA."""
     n = weights.shape[0]
     dev = weights.device
     w = weights.to(torch.float64)

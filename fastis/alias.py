@@ -15,6 +15,7 @@ does ``sample`` (it checks shapes and dtypes only; see its docstring for what va
 does not check on CUDA).
 """
 
+import math
 import operator
 
 import torch
@@ -24,8 +25,9 @@ from fastis._backend import use_triton
 
 # ``sample``'s choice of method (see its docstring; bench/test_bench_alias.py measures it).
 # CPU: the inverse CDF (one float64 cumsum + a sorted search per draw) beats building a
-# table unless the draws outnumber the categories by this factor.
-CPU_TABLE_MIN_DRAWS_PER_CATEGORY = 4
+# table unless the draws outnumber the categories by this factor (measured crossover: n/N
+# between 1 and 2 for N = 2^10..2^18, bench/results/alias_cpu.md).
+CPU_TABLE_MIN_DRAWS_PER_CATEGORY = 2
 # Triton: one fused launch (scan + count, no stored CDF) for small fresh distributions.
 FUSED_MAX_CATEGORIES = 2**14
 FUSED_MAX_WORK = 2**26  # n * N comparisons
@@ -58,22 +60,22 @@ def _check_weights(weights, *, check_values: bool) -> None:
         raise ValueError("weights must hold at least one category, got an empty tensor")
     if not check_values:
         return
+    # two reductions (min/max propagate NaN) and one synchronisation on CUDA; the slow
+    # search for the offending index runs only on failure
     w = weights.detach()
+    lo, hi = w.aminmax()
     total = w.sum(dtype=torch.float64)
-    flags = torch.stack(
-        [w.isnan().any(), w.isinf().any(), (w < 0).any(), total == 0, total.isinf()]
-    ).tolist()  # the one synchronisation on CUDA
-    nan, inf, negative, all_zero, overflow = flags
-    if nan:
+    lo, hi, total = torch.stack([lo.double(), hi.double(), total]).tolist()
+    if math.isnan(lo) or math.isnan(hi):
         raise ValueError(f"weights must not contain NaN (first at index {_first(w.isnan())})")
-    if inf:
+    if math.isinf(lo) or math.isinf(hi):
         raise ValueError(f"weights must be finite, got inf at index {_first(w.isinf())}")
-    if negative:
+    if lo < 0:
         i = _first(w < 0)
         raise ValueError(f"weights must be non-negative, got {w[i].item()} at index {i}")
-    if all_zero:
+    if hi == 0:
         raise ValueError("weights must not all be zero (no category can be drawn)")
-    if overflow:
+    if math.isinf(total):
         raise ValueError("the sum of weights overflows float64; rescale the weights")
 
 
@@ -271,7 +273,7 @@ def sample(
     weight-0 item:
 
     - torch path (CPU): an inverse CDF (float64 cumulative sum, one sorted search per draw)
-      when ``n < 4 N``, else an ``AliasTable`` build and ``n`` O(1) draws;
+      when ``n < 2 N``, else an ``AliasTable`` build and ``n`` O(1) draws;
     - Triton path (CUDA): for ``N <= 2^14`` and ``n N <= 2^26`` (the ``b``-of-``B``
       presample draw), one fused kernel (plus the launch that draws its seed); otherwise
       the inverse CDF on the device for ``n <= N``, else a table.

@@ -130,10 +130,19 @@ def test_sample_goodness_of_fit(backend, device, kind, n_cat, draws_per_cat):
 
 
 def test_one_shot_methods_all_run():
-    # the torch path's rule: inverse CDF below 4 draws per category, a table above
+    # the torch path's rule: inverse CDF below 2 draws per category, a table above
     w = make_weights("zipf", 300).float()
-    for n in (10, 299 * 4, 300 * 4, 5000):
+    for n in (10, 599, 600, 5000):
         check_draws(sample(w, n, generator=torch.Generator().manual_seed(n)), w)
+
+
+@pytest.mark.parametrize("build", ["build", "build_dense"])
+@pytest.mark.parametrize("kind,n_cat", CASES + [("zipf", 10**5), ("zeros", 10**5)])
+def test_torch_builds_match_input(build, kind, n_cat):
+    w = make_weights(kind, n_cat)
+    prob, alias, probs = getattr(_alias_torch, build)(w)
+    check_exact(prob, alias, w)
+    torch.testing.assert_close(probs, w.double() / w.double().sum(), rtol=1e-15, atol=0)
 
 
 @pytest.mark.parametrize("n_cat", [1, 2, 3, 5, 17, 1000, 1023, 1024, 1025, 3001])
@@ -316,9 +325,10 @@ def test_bad_n_and_generator(kwargs, exc, match):
 )
 def test_property_table_is_exact(weights):
     w = torch.tensor(weights, dtype=torch.float64)
-    prob, alias, probs = _alias_torch.build(w)
-    check_exact(prob, alias, w)
-    assert alias.dtype == torch.int32
+    for build in (_alias_torch.build, _alias_torch.build_dense):
+        prob, alias, probs = build(w)
+        check_exact(prob, alias, w)
+        assert alias.dtype == torch.int32
 
 
 @settings(max_examples=15, deadline=None)
