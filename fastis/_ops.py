@@ -84,6 +84,56 @@ def _backward(ctx, grad_loss, grad_score, grad_grad):
 softmax_xent.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("fastis::softmax_xent_", mutates_args=("logits",))
+def softmax_xent_(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    grad_scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax_xent`` with the scaled gradient written over ``logits``; ``(loss, score)``."""
+    if not logits.is_cuda and not target.is_floating_point():
+        check_target_range(target, logits.shape[-1], ignore_index)
+    if use_triton(logits):
+        from fastis._triton import softmax_xent as kernel
+
+        loss, score = kernel.softmax_xent(logits, target, ignore_index=ignore_index,
+                                          label_smoothing=label_smoothing, grad=logits,
+                                          grad_scale=grad_scale.reshape(-1).float().contiguous())
+    else:
+        loss, score, grad = reference.softmax_xent(
+            logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            compute_grad=True, grad_scale=grad_scale)
+        logits.copy_(grad)
+    dtype = _out_dtype(logits)
+    return loss.to(dtype), score.to(dtype)
+
+
+@softmax_xent_.register_fake
+def _(logits, target, ignore_index, label_smoothing, grad_scale):
+    loss = logits.new_empty(logits.shape[:-1], dtype=_out_dtype(logits))
+    return loss, torch.empty_like(loss)
+
+
+@torch.library.custom_op("fastis::scale_rows_", mutates_args=("grad",))
+def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """``grad[r] *= scale[r]`` in place (``scale`` per row, or one scalar); rows whose factor
+    is 1 are left untouched on the Triton path."""
+    if use_triton(grad):
+        from fastis._triton import softmax_xent as kernel
+
+        kernel.scale_rows_(grad, scale)
+    else:
+        factor = scale.float().reshape(() if scale.numel() == 1 else grad.shape[:-1])
+        grad.copy_(grad.float() * (factor[..., None] if factor.dim() else factor))
+
+
+@scale_rows_.register_fake
+def _(grad, scale):
+    return None
+
+
 def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """Raises for class indices outside ``[0, C)`` other than ``ignore_index``.
 

@@ -3,7 +3,7 @@
 import torch
 
 from fastis._checks import check_logits_target, check_rows
-from fastis._ops import softmax_xent
+from fastis._ops import scale_rows_, softmax_xent, softmax_xent_
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -17,6 +17,7 @@ def cross_entropy(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     return_score: bool = False,
+    inplace: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Cross-entropy weighted per sample, returning the importance score from the same pass.
 
@@ -33,9 +34,14 @@ def cross_entropy(
       sequences use ``'sum'`` and divide by a constant.
 
     The gradient w.r.t. ``logits`` is ``w_i (softmax(z_i) sum(t_i) - t_i)`` times the
-    reduction's factor; it is produced by the fused kernel in backward (one read of the
-    logits, one write of the gradient) with no host synchronisation. ``sample_weight``
-    receives a gradient too when it requires one (``dloss / dw_i = L_i`` times that factor).
+    reduction's factor, with no host synchronisation anywhere. By default the fused kernel
+    produces it in backward (one more read of the logits, one write of the gradient;
+    nothing is kept between forward and backward but the logits), so the graph may be
+    backpropagated twice and ``torch.compile`` sees pure ops. With ``inplace=True`` the
+    forward pass writes the gradient over the logits (one read, one write, no extra
+    buffer) and backward only rescales it by the incoming gradient, skipping rows whose
+    factor is exactly 1 on the device. ``sample_weight`` receives a gradient too when it
+    requires one (``dloss / dw_i = L_i`` times the reduction's factor).
 
     Args:
         logits: ``[N, C]`` or ``[B, T, C]``, float32/bfloat16/float16 (float64 accepted).
@@ -49,6 +55,10 @@ def cross_entropy(
         label_smoothing: as in ``torch.nn.functional.cross_entropy``.
         return_score: also return the detached per-sample score, identical to
             ``fastis.score(logits, target, ...)`` and computed in the same pass.
+        inplace: overwrite ``logits`` with the gradient during the forward pass (only when
+            nothing else reads the logits afterwards: autograd raises if another op saved
+            them); a second backward through the graph then raises. With 16-bit logits the
+            stored gradient is rounded twice when the incoming gradient is not 1.
 
     Returns:
         ``loss`` (float32; float64 for float64 logits), or ``(loss, score)`` with ``score``
@@ -66,19 +76,73 @@ def cross_entropy(
     check_logits_target(logits, target, label_smoothing)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    loss, score, _ = softmax_xent(logits, target, ignore_index, float(label_smoothing), False)
-    if sample_weight is not None:
-        loss = loss * _checked_weight(sample_weight, logits)
-    if reduction == "sum":
-        loss = loss.sum()
-    elif reduction == "mean":
-        loss = loss.sum() / count_rows(target, logits, ignore_index)
+    weight = None if sample_weight is None else _checked_weight(sample_weight, logits)
+    if inplace:
+        loss, score = _InplaceCrossEntropy.apply(logits, target, weight, reduction,
+                                                 ignore_index, float(label_smoothing))
+    else:
+        loss, score, _ = softmax_xent(logits, target, ignore_index, float(label_smoothing),
+                                      False)
+        loss = _reduce(loss, weight, reduction, target, logits, ignore_index)
     if not return_score:
         return loss
     score = score.detach()
     if logits.dim() == 3:
         score = torch.linalg.vector_norm(score, dim=1)
     return loss, score.float()
+
+
+def _reduce(row_loss, weight, reduction, target, logits, ignore_index):
+    if weight is not None:
+        row_loss = row_loss * weight
+    if reduction == "sum":
+        return row_loss.sum()
+    if reduction == "mean":
+        return row_loss.sum() / count_rows(target, logits, ignore_index)
+    return row_loss
+
+
+class _InplaceCrossEntropy(torch.autograd.Function):
+    """``cross_entropy(..., inplace=True)``: the gradient is computed in forward, over the
+    logits, and only rescaled in backward."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, reduction, ignore_index, label_smoothing):
+        # the factor each row's gradient carries into backward: w_i, and 1/n for a mean
+        factor = torch.ones(logits.shape[:-1], dtype=torch.float32, device=logits.device)
+        if weight is not None:
+            factor = factor * weight
+        count = count_rows(target, logits, ignore_index)
+        if reduction == "mean":
+            factor = factor / count
+        row_loss, score = softmax_xent_(logits, target, ignore_index, label_smoothing, factor)
+        loss = _reduce(row_loss, weight, reduction, target, logits, ignore_index)
+        # Not mark_dirty: logits are often views (a [B, T, C] matmul output), which autograd
+        # cannot rebase for a multi-output Function. The op bumps their version counter, so
+        # any other op that saved them for backward raises there instead of going wrong.
+        ctx.save_for_backward(logits, row_loss, count)
+        ctx.reduction, ctx.sequences, ctx.consumed = reduction, logits.dim() == 3, False
+        ctx.mark_non_differentiable(score)
+        return loss, score
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_score):
+        if ctx.consumed:
+            raise RuntimeError(
+                "fastis.cross_entropy(..., inplace=True) was backpropagated twice: its "
+                "gradient lives in the logits' memory and is consumed by the first backward; "
+                "use inplace=False to retain the graph")
+        ctx.consumed = True
+        grad, row_loss, count = ctx.saved_tensors
+        grad_weight = None
+        if ctx.needs_input_grad[2]:
+            grad_weight = row_loss * grad_loss
+            if ctx.reduction == "mean":
+                grad_weight = grad_weight / count
+            if ctx.sequences:
+                grad_weight = grad_weight.sum(1, keepdim=True)
+        scale_rows_(grad, grad_loss)
+        return grad, None, grad_weight, None, None, None
 
 
 def count_rows(target: torch.Tensor, logits: torch.Tensor, ignore_index: int) -> torch.Tensor:

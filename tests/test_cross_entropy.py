@@ -37,10 +37,12 @@ def truth(logits, target, weight, reduction, ignore_index=-100, label_smoothing=
     return loss.detach(), grads, v
 
 
-def check(logits, target, weight=None, reduction="mean", **kw):
+def check(logits, target, weight=None, reduction="mean", inplace=False, **kw):
     z = logits.detach().clone().requires_grad_(True)
-    loss, score = fastis.cross_entropy(z, target, sample_weight=weight, reduction=reduction,
-                                       return_score=True, **kw)
+    # inplace=True overwrites its input: hand it a copy (a non-leaf, as model outputs are)
+    loss, score = fastis.cross_entropy(z.clone() if inplace else z, target,
+                                       sample_weight=weight, reduction=reduction,
+                                       return_score=True, inplace=inplace, **kw)
     ref_loss, ref_grads, v = truth(logits, target, weight, reduction, **kw)
     assert loss.dtype == torch.float32 and loss.shape == ref_loss.shape
     torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-5, atol=1e-6)
@@ -51,9 +53,10 @@ def check(logits, target, weight=None, reduction="mean", **kw):
         torch.testing.assert_close(grads[0].double(), ref_grads[0], rtol=2e-5, atol=1e-7)
     else:
         # stored in a 16-bit dtype: within one unit in the last place of the exact gradient
-        # (Triton's interpreter truncates float32 -> bfloat16 stores; GPUs round to nearest)
+        # (Triton's interpreter truncates float32 -> bfloat16 stores; GPUs round to nearest);
+        # in place, a second rounding when the stored gradient is rescaled in backward
         exact = ref_grads[0]
-        ulp = torch.finfo(logits.dtype).eps * exact.abs()
+        ulp = (2 if inplace else 1) * torch.finfo(logits.dtype).eps * exact.abs()
         err = (grads[0].double() - exact).abs()
         assert (err <= ulp + 1e-6 * exact.abs().max()).all()
     if len(grads) > 1:
@@ -82,12 +85,13 @@ def make(shape, dtype, device, seed, soft=False, ignore=0.0, weighted=True):
     return logits, target, weight
 
 
+@pytest.mark.parametrize("inplace", [False, True], ids=["", "inplace"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("N,C", [(9, 1), (17, 10), (6, 1000), (2, 131072)])
-def test_matches_torch(backend, device, dtype, reduction, N, C):
+def test_matches_torch(backend, device, dtype, reduction, N, C, inplace):
     logits, target, weight = make((N, C), dtype, device, seed=N + C, ignore=0.2)
-    check(logits, target, weight, reduction)
+    check(logits, target, weight, reduction, inplace=inplace)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -95,6 +99,7 @@ def test_matches_torch(backend, device, dtype, reduction, N, C):
 def test_soft_targets_and_smoothing(backend, device, reduction, eps):
     logits, target, weight = make((11, 37), torch.float32, device, seed=1, soft=True)
     check(logits, target, weight, reduction, label_smoothing=eps)
+    check(logits, target, weight, reduction, inplace=True, label_smoothing=eps)
     logits, target, weight = make((11, 37), torch.bfloat16, device, seed=2, ignore=0.3)
     check(logits, target, weight, reduction, label_smoothing=0.2)
 
@@ -103,6 +108,7 @@ def test_soft_targets_and_smoothing(backend, device, reduction, eps):
 def test_sequences(backend, device, reduction):
     logits, target, weight = make((3, 5, 29), torch.float32, device, seed=3, ignore=0.3)
     check(logits, target, weight, reduction)
+    check(logits, target, weight, reduction, inplace=True)
     check(logits, target.masked_fill(target == -100, 7), None, reduction, ignore_index=7)
     logits, target, weight = make((3, 5, 29), torch.float32, device, seed=4, soft=True)
     check(logits, target, weight, reduction, label_smoothing=0.1)
@@ -138,6 +144,30 @@ def test_backward_twice_with_retain_graph(backend, device):
     torch.testing.assert_close(z.grad, 2 * first)
 
 
+def test_inplace_overwrites_logits_with_the_gradient(backend, device):
+    logits, target, weight = make((6, 9), torch.bfloat16, device, seed=9, ignore=0.3)
+    z = logits.detach().clone().requires_grad_(True)
+    expected = torch.autograd.grad(fastis.cross_entropy(z, target, sample_weight=weight), z)[0]
+    y = z.detach().clone().requires_grad_(True)
+    buffer = y.clone()
+    loss = fastis.cross_entropy(buffer, target, sample_weight=weight, inplace=True)
+    torch.testing.assert_close(buffer, expected.to(buffer.dtype), rtol=0, atol=0)
+    loss.backward(retain_graph=True)  # an incoming gradient of 1: nothing left to scale
+    torch.testing.assert_close(y.grad, expected, rtol=0, atol=0)
+    assert buffer.data_ptr() != y.data_ptr()
+    with pytest.raises(RuntimeError, match="backpropagated twice"):
+        loss.backward()
+
+
+def test_inplace_refuses_when_the_logits_are_needed_elsewhere(backend, device):
+    z = torch.randn(4, 3, device=device, requires_grad=True)
+    probs = torch.sigmoid(z * 1)  # sigmoid saves its output for backward
+    loss = fastis.cross_entropy(probs, torch.zeros(4, dtype=torch.long, device=device),
+                                inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + probs.sum()).backward()
+
+
 def test_gradcheck_torch_path(monkeypatch):
     monkeypatch.setenv("FASTIS_BACKEND", "torch")
     g = torch.Generator().manual_seed(8)
@@ -157,9 +187,15 @@ def test_opcheck_with_autograd(backend, device):
     z = torch.randn(6, 11, device=device, requires_grad=True)
     y = torch.randint(0, 11, (6,), device=device)
     torch.library.opcheck(torch.ops.fastis.softmax_xent.default, (z, y, -100, 0.0, False, None))
+    ops = torch.ops.fastis
+    torch.library.opcheck(ops.softmax_xent_.default,
+                          (z.detach().clone(), y, -100, 0.1, torch.rand(6, device=device)))
+    for scale in (torch.rand(6, device=device), torch.tensor(2.0, device=device)):
+        torch.library.opcheck(ops.scale_rows_.default, (z.detach().clone(), scale))
 
 
-def test_compiled_training_step(backend, device):
+@pytest.mark.parametrize("inplace", [False, True], ids=["", "inplace"])
+def test_compiled_training_step(backend, device, inplace):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
                                 torch.nn.Linear(16, 5)).to(device)
@@ -168,7 +204,8 @@ def test_compiled_training_step(backend, device):
     w = torch.rand(12, device=device)
 
     def step(x, y, w):
-        loss, score = fastis.cross_entropy(model(x), y, sample_weight=w, return_score=True)
+        loss, score = fastis.cross_entropy(model(x), y, sample_weight=w, return_score=True,
+                                           inplace=inplace)
         return loss, score
 
     compiled = torch.compile(step, fullgraph=True)
@@ -259,9 +296,10 @@ def test_bad_input_sequences():
     seed=st.integers(0, 2**31 - 1),
 )
 def test_property(backend, device, N, T, C, dtype, soft, weighted, reduction, eps, seed):
+    inplace = seed % 2 == 1
     shape = (N, C) if T is None else (N, T, C)
     logits, target, weight = make(shape, dtype, device, seed, soft=soft, ignore=0.2,
                                   weighted=weighted)
     if reduction == "mean" and not soft and (target == -100).all():
         target.view(-1)[0] = 0  # an all-ignored mean is NaN, tested on its own
-    check(logits, target, weight, reduction, label_smoothing=eps)
+    check(logits, target, weight, reduction, inplace=inplace, label_smoothing=eps)

@@ -6,6 +6,7 @@ logits are read from memory once (a second sweep, for the gradient or for smooth
 targets, re-reads the row while it is still in L2). The math is ``fastis.reference``'s.
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -183,8 +184,6 @@ def softmax_xent(logits, target, *, ignore_index=-100, label_smoothing=0.0, grad
     Returns:
         ``(loss, score)``, float32, shaped ``logits.shape[:-1]``. No host synchronisation.
     """
-    import torch
-
     rows = logits.shape[:-1]
     C = logits.shape[-1]
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
@@ -213,3 +212,57 @@ def softmax_xent(logits, target, *, ignore_index=-100, label_smoothing=0.0, grad
         BLOCK_N=block_n, BLOCK_C=block_c, num_warps=num_warps,
     )
     return loss, score
+
+
+@triton.jit
+def _scale_rows_kernel(
+    # pointers
+    Grad, Scale,
+    # sizes: row r is (r // T, r % T), as above
+    n_rows, T, C,
+    # strides (stride_s is 0 for one factor shared by all rows)
+    stride_gb, stride_gt, stride_gc, stride_s,
+    # meta-parameters
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    scale = tl.load(Scale + rows * stride_s, mask=row_mask, other=1.0).to(tl.float32)
+    # rows whose factor is exactly 1 (the usual loss.backward()) are not touched at all:
+    # decided on the device, so the caller never synchronises to skip the work
+    todo = row_mask & (scale != 1.0)
+    grad_rows = Grad + (rows // T) * stride_gb + (rows % T) * stride_gt
+    cols = tl.arange(0, BLOCK_C).to(tl.int64)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + cols
+        mask = todo[:, None] & (c < C)[None, :]
+        ptrs = grad_rows[:, None] + c[None, :] * stride_gc
+        g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptrs, (g * scale[:, None]).to(Grad.dtype.element_ty), mask=mask)
+
+
+def scale_rows_(grad, scale):
+    """``grad[r] *= scale[r]`` in place, skipping rows whose factor is 1, no host sync.
+
+    Args:
+        grad: ``[N, C]`` or ``[B, T, C]``, any strides.
+        scale: one factor per row of ``grad`` (shaped ``grad.shape[:-1]``), or a scalar tensor.
+    """
+    C = grad.shape[-1]
+    n_rows = grad.shape[:-1].numel()
+    if n_rows == 0:
+        return grad
+    scale = scale.reshape(-1).float()
+    stride_s = 0 if scale.numel() == 1 else 1
+    scale = scale.contiguous() if stride_s else scale
+    T = grad.shape[1] if grad.dim() == 3 else 1
+    block_c = min(triton.next_power_of_2(C), 4096)
+    block_n = min(triton.next_power_of_2(n_rows), max(1, 2048 // block_c))
+    grid = (triton.cdiv(n_rows, block_n),)
+    _scale_rows_kernel[grid](
+        grad, scale, n_rows, T, C, *_strides3(grad, 2), stride_s,
+        BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4 if block_n * block_c <= 2048 else 8,
+    )
+    return grad
