@@ -147,9 +147,12 @@ def test_torch_builds_match_input(build, kind, n_cat):
 
 @pytest.mark.parametrize("n_cat", [1, 2, 3, 5, 17, 1000, 1023, 1024, 1025, 3001])
 @pytest.mark.parametrize("kind", ["uniform", "zipf", "dominant", "zeros", "wide"])
-def test_triton_table_matches_input(device, n_cat, kind):
+@pytest.mark.parametrize("block", [1024, 32])  # 32: many blocks for the two-level search
+def test_triton_table_matches_input(device, monkeypatch, n_cat, kind, block):
     pytest.importorskip("triton")
     from fastis._triton import alias as tri
+
+    monkeypatch.setattr(tri, "SCAN_BLOCK", block)
 
     if kind in ("zeros",) and n_cat < 3:
         kind = "zipf"
@@ -337,8 +340,9 @@ def test_property_table_is_exact(weights):
     zeros=st.floats(0.0, 0.95),
     spread=st.floats(0.0, 40.0),
     seed=st.integers(0, 2**31),
+    block=st.sampled_from([16, 1024]),
 )
-def test_property_triton_matches_torch(n_cat, zeros, spread, seed):
+def test_property_triton_matches_torch(n_cat, zeros, spread, seed, block):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pytest.importorskip("triton")
     from fastis._triton import alias as tri
@@ -347,5 +351,9 @@ def test_property_triton_matches_torch(n_cat, zeros, spread, seed):
     w = 10.0 ** (torch.rand(n_cat, generator=g, dtype=torch.float64) * spread)
     w[torch.rand(n_cat, generator=g) < zeros] = 0.0
     w[seed % n_cat] = 1.0
-    prob, alias, _ = tri.build(w.to(device))
+    saved, tri.SCAN_BLOCK = tri.SCAN_BLOCK, block
+    try:
+        prob, alias, _ = tri.build(w.to(device))
+    finally:
+        tri.SCAN_BLOCK = saved
     check_exact(prob, alias, w)

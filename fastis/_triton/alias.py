@@ -60,23 +60,44 @@ def _alias_scan_kernel(
 
 
 @triton.jit
-def _search(Loc, Off, scale, x, active, N, n_steps, BLOCK: tl.constexpr, STRICT: tl.constexpr):
+def _passes(v, x, STRICT: tl.constexpr):
+    if STRICT:
+        return v > x
+    else:
+        return v >= x
+
+
+@triton.jit
+def _search(
+    Loc, Off, scale, x, active, N, n_blocks, block_steps,
+    BLOCK: tl.constexpr, IN_STEPS: tl.constexpr, STRICT: tl.constexpr,
+):
     # First m in [0, N) with G[m] > x (STRICT) or G[m] >= x, N if none, where
-    # G[m] = (Loc[m] + Off[m // BLOCK]) * scale is nondecreasing. Inactive lanes load nothing.
+    # G[m] = (Loc[m] + Off[m // BLOCK]) * scale is nondecreasing. Two levels, so that most
+    # steps touch a small, cached array: first the block whose last value passes (over
+    # the N / BLOCK block ends), then the element inside it. Inactive lanes load nothing.
     lo = tl.zeros(x.shape, tl.int64)
-    hi = lo + N
-    for _ in range(n_steps):
+    hi = lo + n_blocks
+    for _ in range(block_steps):
         go = active & (lo < hi)
         mid = lo + (hi - lo) // 2
-        v = tl.load(Loc + mid, mask=go, other=0.0) + tl.load(Off + mid // BLOCK, mask=go, other=0.0)
-        v = v * scale
-        if STRICT:
-            right = v <= x
-        else:
-            right = v < x
-        lo = tl.where(go & right, mid + 1, lo)
-        hi = tl.where(go & (~right), mid, hi)
-    return lo
+        last = tl.minimum(mid * BLOCK + BLOCK, N) - 1
+        v = tl.load(Loc + last, mask=go, other=0.0) + tl.load(Off + mid, mask=go, other=0.0)
+        ok = _passes(v * scale, x, STRICT)
+        lo = tl.where(go & (~ok), mid + 1, lo)
+        hi = tl.where(go & ok, mid, hi)
+    found = active & (lo < n_blocks)
+    off = tl.load(Off + lo, mask=found, other=0.0)
+    # the answer is in [lo * BLOCK, end): the block's last element passes
+    hi = tl.minimum(lo * BLOCK + BLOCK, N)
+    lo = lo * BLOCK
+    for _ in range(IN_STEPS):  # ceil(log2(BLOCK + 1))
+        go = found & (lo < hi)
+        mid = lo + (hi - lo) // 2
+        ok = _passes((tl.load(Loc + mid, mask=go, other=0.0) + off) * scale, x, STRICT)
+        lo = tl.where(go & (~ok), mid + 1, lo)
+        hi = tl.where(go & ok, mid, hi)
+    return tl.where(found, lo, N)
 
 
 @triton.jit
@@ -84,9 +105,10 @@ def _alias_fill_kernel(
     # pointers
     Probs, A, H, OffA, OffH, ScaleH, Prob, Alias,
     # sizes
-    N, n_steps,
+    N, n_blocks, block_steps,
     # meta-parameters
     BLOCK: tl.constexpr,
+    IN_STEPS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -102,9 +124,9 @@ def _alias_fill_kernel(
     a_prev = tl.load(A + offs - 1, mask=mask & (~first), other=0.0) + off_a
     x = tl.where(light, a_prev, h_k)
     # partner: the first heavy item whose H exceeds x (next heavy for a heavy item)
-    target = _search(H, OffH, scale_h, x, mask, N, n_steps, BLOCK, True)
+    target = _search(H, OffH, scale_h, x, mask, N, n_blocks, block_steps, BLOCK, IN_STEPS, True)
     # heavy remainder r = 1 + H_k - A_i, i the first light with A_i >= H_k
-    pos = _search(A, OffA, 1.0, h_k, heavy, N, n_steps, BLOCK, False)
+    pos = _search(A, OffA, 1.0, h_k, heavy, N, n_blocks, block_steps, BLOCK, IN_STEPS, False)
     found = heavy & (pos < N)
     a_at = tl.load(A + pos, mask=found, other=0.0)
     a_at += tl.load(OffA + pos // BLOCK, mask=found, other=0.0)
@@ -232,7 +254,8 @@ def build(
     prob = out_prob if out_prob is not None else torch.empty(n, dtype=PROB_DTYPE, device=dev)
     alias = out_alias if out_alias is not None else torch.empty(n, dtype=index_dtype(n), device=dev)
     _alias_fill_kernel[(n_blocks,)](
-        probs, a, h, off_a, off_h, scale_h, prob, alias, n, n.bit_length(), BLOCK=SCAN_BLOCK
+        probs, a, h, off_a, off_h, scale_h, prob, alias, n, n_blocks, n_blocks.bit_length(),
+        BLOCK=SCAN_BLOCK, IN_STEPS=SCAN_BLOCK.bit_length(),
     )
     return prob, alias, probs
 
