@@ -132,7 +132,95 @@ def small_step_section(report, device):
     report["score_small_step"] = out
 
 
-SECTIONS = [score_section]
+def cross_entropy_section(report, device, shapes, bandwidth):
+    """Forward + backward with the score, against torch (+ eager score) and Liger."""
+    from bench.test_bench_cross_entropy import PROVIDERS, inputs
+
+    rows = []
+    for dtype in DTYPES:
+        for N, C in shapes:
+            leaf, target, weight = (t.to(device) for t in inputs(N, C, dtype))
+            leaf = leaf.detach().requires_grad_(True)
+            logits_bytes = leaf.numel() * leaf.element_size()
+            row = {"N": N, "C": C, "dtype": str(dtype).removeprefix("torch."),
+                   "bytes": 2 * logits_bytes}  # one read of the logits, one write of the grad
+            clone_ms = bench_ms(lambda leaf=leaf: leaf.clone(), device)
+            for name, step in PROVIDERS.items():
+                inplace = name == "fastis_inplace"
+
+                def once(step=step, inplace=inplace, leaf=leaf, target=target, weight=weight):
+                    leaf.grad = None
+                    step(leaf.clone() if inplace else leaf, target, weight)
+
+                try:
+                    # the in-place variant needs a fresh copy each time: its cost is removed
+                    row[f"{name}_ms"] = bench_ms(once, device) - (clone_ms if inplace else 0)
+                    if device == "cuda":
+                        leaf.grad = None
+                        torch.cuda.synchronize()
+                        base = torch.cuda.memory_allocated()
+                        torch.cuda.reset_peak_memory_stats()
+                        once()
+                        torch.cuda.synchronize()
+                        # the copy handed to the in-place variant is its input, not extra
+                        extra = torch.cuda.max_memory_allocated() - base - inplace * logits_bytes
+                        row[f"{name}_peak_extra_logits"] = extra / logits_bytes
+                except Exception as exc:  # a baseline out of memory must not end the run
+                    row[f"{name}_ms"] = None
+                    row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+            for name in PROVIDERS:
+                if row.get(f"{name}_ms"):
+                    row[f"{name}_GBps"] = row["bytes"] / row[f"{name}_ms"] / 1e6
+                    row[f"{name}_of_copy"] = row[f"{name}_GBps"] / bandwidth
+            rows.append(row)
+            leaf.grad = None
+            del leaf, target, weight
+    report["cross_entropy"] = rows
+
+
+def cuda_graph_training_step(report, device):
+    """Capture forward, fastis.cross_entropy, backward and an SGD step in one CUDA graph."""
+    if device != "cuda":
+        return
+    out = {}
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(),
+                                    torch.nn.Linear(256, 1000)).to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x = torch.randn(512, 64, device=device)
+        y = torch.randint(0, 1000, (512,), device=device)
+        w = torch.rand(512, device=device)
+
+        def step():
+            opt.zero_grad(set_to_none=False)
+            loss, score = fastis.cross_entropy(model(x), y, sample_weight=w, return_score=True)
+            loss.backward()
+            opt.step()
+            return loss, score
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss, score = step()
+        before = [p.detach().clone() for p in model.parameters()]
+        graph.replay()
+        torch.cuda.synchronize()
+        moved = any(not torch.equal(a, p) for a, p in zip(before, model.parameters(),
+                                                           strict=True))
+        out["cuda_graph"] = f"captured; replay updated the parameters: {moved}; " \
+            f"loss {loss.item():.4f}, finite scores: {bool(score.isfinite().all())}"
+    except Exception as exc:
+        out["cuda_graph"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+    report["cross_entropy_training_step"] = out
+
+
+SECTIONS = [score_section, cross_entropy_section]
 
 
 def write(report, out_dir):
@@ -158,6 +246,25 @@ def write(report, out_dir):
                 f"{cell('fastis_GBps', '.0f')} | {cell('fraction_of_copy', '.0%')} | "
                 f"{cell('eager_ms', '.4f')} | {cell('speedup_vs_eager', '.2f')} | "
                 f"{cell('compile_ms', '.4f')} | {cell('speedup_vs_compile', '.2f')} |")
+    if "cross_entropy" in report:
+        names = [k[:-3] for k in report["cross_entropy"][0] if k.endswith("_ms")]
+        lines += ["", "## fastis.cross_entropy (forward + backward, with the score)", "",
+                  "GB/s count one read of the logits and one write of the gradient; peak is "
+                  "the extra memory in logits-sized buffers.", "",
+                  "| N x C | dtype | " + " | ".join(f"{n} ms | GB/s | of copy | peak"
+                                                   for n in names) + " |",
+                  "|---|---|" + "---|---|---|---|" * len(names)]
+        for r in report["cross_entropy"]:
+            cells = []
+            for n in names:
+                for key, fmt in (("_ms", ".4f"), ("_GBps", ".0f"), ("_of_copy", ".0%"),
+                                 ("_peak_extra_logits", ".2f")):
+                    v = r.get(n + key)
+                    cells.append(format(v, fmt) if v is not None else "-")
+            lines.append(f"| {r['N']} x {r['C']} | {r['dtype']} | " + " | ".join(cells) + " |")
+    if "cross_entropy_training_step" in report:
+        lines += ["", "Training step in a CUDA graph: "
+                  + report["cross_entropy_training_step"]["cuda_graph"]]
     if "score_small_step" in report:
         s = report["score_small_step"]
         lines += ["", f"Small step (1024 x 10): {s['ms']:.4f} ms; kernels launched: "
@@ -201,6 +308,7 @@ def main(argv=None):
         section(report, device, shapes, report["copy_GBps"])
         print(f"{section.__name__}: {time.perf_counter() - start:.1f} s", flush=True)
     small_step_section(report, device)
+    cuda_graph_training_step(report, device)
     path = write(report, args.out)
     print(path.read_text())
     return report

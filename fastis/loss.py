@@ -148,7 +148,8 @@ class _InplaceCrossEntropy(torch.autograd.Function):
 def count_rows(target: torch.Tensor, logits: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Number of rows (tokens) that count in a mean, as a tensor (no synchronisation)."""
     if target.is_floating_point():
-        return torch.tensor(float(logits.shape[:-1].numel()), device=logits.device)
+        # a fill, not a host-to-device copy: stays capturable in a CUDA graph
+        return torch.full((), float(logits.shape[:-1].numel()), device=logits.device)
     return (target != ignore_index).sum().float()
 
 
