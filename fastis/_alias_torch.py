@@ -175,17 +175,19 @@ def sample_table(
     return torch.where(keep, bucket, alias[bucket].to(torch.int64))
 
 
-def sample_icdf(
-    weights: torch.Tensor, size: int, generator: torch.Generator | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One-shot inverse-CDF draw: float64 cumulative sum, one sorted search per draw.
+def cdf(weights: torch.Tensor) -> torch.Tensor:
+    """float64 inclusive cumulative sum of ``weights`` (its last entry is the total)."""
+    return torch.cumsum(weights, 0, dtype=torch.float64)
 
-    Returns the int64 indices and the float64 cumulative sum (for the probabilities).
-    Item ``k`` is drawn when ``C_{k-1} <= u C_{N-1} < C_k``, so weight-0 items never are;
-    a target rounded up past the last bucket goes to the last positive item.
+
+def sample_cdf(c: torch.Tensor, size: int, generator: torch.Generator | None) -> torch.Tensor:
+    """One-shot inverse-CDF draw from a ``cdf``: int64 indices, one sorted search each.
+
+    Item ``k`` is drawn when ``C_{k-1} <= u C_{N-1} < C_k`` (``u`` float64 uniform on
+    ``[0, 1)``, 53 bits), so weight-0 items never are; a target rounded up past the last
+    bucket goes to the last positive item.
     """
-    c = torch.cumsum(weights.to(torch.float64), 0)
-    u = torch.rand(size, dtype=torch.float64, device=weights.device, generator=generator)
+    u = torch.rand(size, dtype=torch.float64, device=c.device, generator=generator)
     idx = torch.searchsorted(c, u.mul_(c[-1:]), right=True)
     last_positive = torch.searchsorted(c, c[-1:], right=False)
-    return torch.minimum(idx, last_positive), c
+    return torch.minimum(idx, last_positive)

@@ -58,14 +58,20 @@ def _check_weights(weights, *, check_values: bool) -> None:
         raise ValueError(f"weights must be 1-D [N], got shape {tuple(weights.shape)}")
     if weights.shape[0] == 0:
         raise ValueError("weights must hold at least one category, got an empty tensor")
-    if not check_values:
-        return
-    # two reductions (min/max propagate NaN) and one synchronisation on CUDA; the slow
-    # search for the offending index runs only on failure
-    w = weights.detach()
+    if check_values:
+        _check_values(weights.detach())
+
+
+def _check_values(w: torch.Tensor, total: torch.Tensor | None = None) -> None:
+    """ValueError for NaN, inf, negative or all-zero weights, or a float64 sum overflow.
+
+    Two reductions (min/max propagate NaN; ``total``, the float64 sum, when the caller has
+    it) and one synchronisation on CUDA; finding the offending index runs only on failure.
+    """
     lo, hi = w.aminmax()
-    total = w.sum(dtype=torch.float64)
-    lo, hi, total = torch.stack([lo.double(), hi.double(), total]).tolist()
+    if total is None:
+        total = w.sum(dtype=torch.float64)
+    lo, hi, total = torch.stack([lo.double(), hi.double(), total.reshape(())]).tolist()
     if math.isnan(lo) or math.isnan(hi):
         raise ValueError(f"weights must not contain NaN (first at index {_first(w.isnan())})")
     if math.isinf(lo) or math.isinf(hi):
@@ -303,28 +309,29 @@ def sample(
         >>> idx, p = fastis.sample(scores, 128, return_probs=True)
         >>> weights = 1.0 / (384 * p)
     """
-    _check_weights(weights, check_values=not getattr(weights, "is_cuda", False))
+    _check_weights(weights, check_values=False)
     n = _check_n(n)
     _check_generator(generator, weights.device)
     w = weights.detach()
     num = w.shape[0]
-    probs_dtype = _probs_dtype(w.dtype)
-    if use_triton(w):
-        tri = _triton_alias()
-        if num <= FUSED_MAX_CATEGORIES and n * num <= FUSED_MAX_WORK:
-            idx, p = tri.sample_icdf(w, n, generator, probs_dtype)
-            return (idx, p) if return_probs else idx
-        use_table = n > num
-    else:
-        use_table = n >= CPU_TABLE_MIN_DRAWS_PER_CATEGORY * num
-    if use_table:
+    check = not w.is_cuda  # values are checked off CUDA only (a check would synchronise)
+    triton = use_triton(w)
+    if triton and num <= FUSED_MAX_CATEGORIES and n * num <= FUSED_MAX_WORK:
+        if check:
+            _check_values(w)
+        idx, p = _triton_alias().sample_icdf(w, n, generator, _probs_dtype(w.dtype))
+        return (idx, p) if return_probs else idx
+    if n > num if triton else n >= CPU_TABLE_MIN_DRAWS_PER_CATEGORY * num:
+        if check:
+            _check_values(w)
         table = AliasTable.__new__(AliasTable)
-        builder = _triton_alias().build if use_triton(w) else _alias_torch.build
+        builder = _triton_alias().build if triton else _alias_torch.build
         table.prob, table.alias, table.probs = builder(w)
         idx, p = table.sample(n, generator=generator, return_probs=True)
     else:
-        idx, c = _alias_torch.sample_icdf(w, n, generator)
-        p = w.to(torch.float64)[idx] / c[-1]
-    if return_probs:
-        return idx, p.to(probs_dtype)
-    return idx
+        c = _alias_torch.cdf(w)
+        if check:
+            _check_values(w, total=c[-1])
+        idx = _alias_torch.sample_cdf(c, n, generator)
+        p = w[idx].double() / c[-1]
+    return (idx, p.to(_probs_dtype(w.dtype))) if return_probs else idx

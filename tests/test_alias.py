@@ -290,11 +290,12 @@ BAD_WEIGHTS = [
 
 
 @pytest.mark.parametrize("weights,exc,match", BAD_WEIGHTS)
-def test_bad_weights(weights, exc, match):
+def test_bad_weights(backend, weights, exc, match):
     with pytest.raises(exc, match=match):
         AliasTable(weights)
-    with pytest.raises(exc, match=match):
-        sample(weights, 3)
+    for n in (3, 1000):  # the inverse CDF and the table (fused kernel on the triton path)
+        with pytest.raises(exc, match=match):
+            sample(weights, n)
 
 
 @pytest.mark.parametrize(
