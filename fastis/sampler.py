@@ -380,7 +380,8 @@ class ImportanceSampler(_StepSampler):
     ``c (1 - a_tau^t) > tau_th``. Indices come from one random permutation of the data set
     per pass (seeded with ``seed + pass``, as ``DistributedSampler``), consumed ``b`` or
     ``B`` at a time across steps and epochs; a presample is thus ``B`` distinct examples
-    (unless it straddles two passes), and the weighted batch is unbiased for its mean.
+    (a batch never straddles two passes: the rest of a pass too short for it is skipped),
+    and the weighted batch is unbiased for the presample's mean.
 
     Synchronisation: the on/off decision reads ``tau`` on the host once per yielded batch
     (one ``.item()``, which on CUDA waits for the previous step's update; nothing else in
@@ -504,16 +505,18 @@ class ImportanceSampler(_StepSampler):
         return self._shard_cache[1]
 
     def _take_stream(self, n: int) -> list:
-        out = []
-        while n:
-            shard = self._shard(self._pass)
-            part = shard[self._cursor:self._cursor + n]
-            out.append(part)
-            n -= part.shape[0]
-            self._cursor += part.shape[0]
-            if self._cursor == self.shard_size:
-                self._pass, self._cursor = self._pass + 1, 0
-        return torch.cat(out).tolist() if len(out) > 1 else out[0].tolist()
+        # a batch never straddles two passes: the rest of a pass shorter than the batch is
+        # skipped (as drop_last), so a presample holds distinct examples and the ranks'
+        # batches are disjoint at every step
+        if self._cursor + n > self.shard_size:
+            self._pass, self._cursor = self._pass + 1, 0
+        start, self._cursor = self._cursor, self._cursor + n
+        return self._shard(self._pass)[start:self._cursor].tolist()
+
+    def __len__(self) -> int:
+        """Steps per epoch: ``shard_size // batch_size`` (one pass at ``b`` per step; the
+        index stream continues across epochs, so no ``set_epoch`` is needed)."""
+        return self.shard_size // self.batch_size
 
     def _next_batch(self) -> _Batch:
         active = float(self._tau) > self.tau_th  # the one host read of tau per step
@@ -724,8 +727,8 @@ class ImportanceSampler(_StepSampler):
         self._w_max = state_dict["w_max"].to(dev, torch.float64).clone()
         self._pass = int(state_dict["pass"])
         self._cursor = int(state_dict["cursor"])
-        if not 0 <= self._cursor < self.shard_size:
-            raise ValueError(f"state_dict['cursor'] must be in [0, {self.shard_size}), got "
+        if not 0 <= self._cursor <= self.shard_size:
+            raise ValueError(f"state_dict['cursor'] must be in [0, {self.shard_size}], got "
                              f"{self._cursor}")
         self.steps_importance = int(state_dict["steps_importance"])
         self.steps_uniform = int(state_dict["steps_uniform"])
