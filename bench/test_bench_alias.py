@@ -38,7 +38,8 @@ if FULL:
 ONESHOT_GRID = [(384, 128), (4096, 1024), (2**16, 2**10), (2**20, 2**14)]
 if FULL:
     ONESHOT_GRID += [(2**24, 2**16), (2**26, 2**16)]
-RULE_GRID = [(N, N * r // 4) for N in (2**10, 2**14, 2**18) for r in (2, 4, 8, 16, 32)]
+RULE_GRID = [(N, N * r // 8) for N in (2**10, 2**14, 2**18) for r in (1, 2, 4, 8, 16, 32)]
+RULE_GRID += [(2**20, 2**20 * r // 16) for r in (1, 2, 4, 8)]
 
 
 def _weights(n: int) -> torch.Tensor:

@@ -24,13 +24,24 @@ from fastis import _alias_torch
 from fastis._backend import use_triton
 
 # ``sample``'s choice of method (see its docstring; bench/test_bench_alias.py measures it).
-# CPU: the inverse CDF (one float64 cumsum + a sorted search per draw) beats building a
-# table unless the draws outnumber the categories by this factor (measured crossover: n/N
-# between 1 and 2 for N = 2^10..2^18, bench/results/alias_cpu.md).
-CPU_TABLE_MIN_DRAWS_PER_CATEGORY = 2
+# CPU: the inverse CDF (a float64 cumsum, then one binary search per draw, ~60 ns at
+# N = 2^10 to ~140 ns at 2^18 as the searches leave the cache) against a table (a build of
+# ~40 ns per category, then ~16 ns per draw): measured crossovers n ~ 2.6 N at N = 2^10,
+# 0.5 N at 2^14, 0.3 N at 2^18 (bench/results/alias_cpu.md). Table from n >= N / 4 + 2048.
+CPU_TABLE_MIN_DRAWS = (4, 2048)  # (1 / slope, offset)
 # Triton: one fused launch (scan + count, no stored CDF) for small fresh distributions.
 FUSED_MAX_CATEGORIES = 2**14
 FUSED_MAX_WORK = 2**26  # n * N comparisons
+
+
+def _method(triton: bool, num: int, n: int) -> str:
+    """``sample``'s method for ``n`` draws from ``num`` categories: fused, icdf or table."""
+    if triton:
+        if num <= FUSED_MAX_CATEGORIES and n * num <= FUSED_MAX_WORK:
+            return "fused"
+        return "table" if n > num else "icdf"
+    inv_slope, offset = CPU_TABLE_MIN_DRAWS
+    return "table" if n >= num // inv_slope + offset else "icdf"
 
 
 def _triton_alias():
@@ -278,11 +289,12 @@ def sample(
     ``bench/results/alias_cpu.md``); every method accumulates in float64 and never draws a
     weight-0 item:
 
-    - torch path (CPU): an inverse CDF (float64 cumulative sum, one sorted search per draw)
-      when ``n < 2 N``, else an ``AliasTable`` build and ``n`` O(1) draws;
+    - torch path (CPU): an inverse CDF (float64 cumulative sum, one binary search per draw)
+      when ``n < N / 4 + 2048``, else an ``AliasTable`` build and ``n`` O(1) draws;
     - Triton path (CUDA): for ``N <= 2^14`` and ``n N <= 2^26`` (the ``b``-of-``B``
       presample draw), one fused kernel (plus the launch that draws its seed); otherwise
-      the inverse CDF on the device for ``n <= N``, else a table.
+      the inverse CDF on the device for ``n <= N``, else a table (the GPU thresholds
+      are not yet measured).
 
     The rule depends only on ``(N, n)`` and the backend, so a seed gives the same indices
     on every run of the same kind.
@@ -316,12 +328,13 @@ def sample(
     num = w.shape[0]
     check = not w.is_cuda  # values are checked off CUDA only (a check would synchronise)
     triton = use_triton(w)
-    if triton and num <= FUSED_MAX_CATEGORIES and n * num <= FUSED_MAX_WORK:
+    method = _method(triton, num, n)
+    if method == "fused":
         if check:
             _check_values(w)
         idx, p = _triton_alias().sample_icdf(w, n, generator, _probs_dtype(w.dtype))
         return (idx, p) if return_probs else idx
-    if n > num if triton else n >= CPU_TABLE_MIN_DRAWS_PER_CATEGORY * num:
+    if method == "table":
         if check:
             _check_values(w)
         table = AliasTable.__new__(AliasTable)

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
+import fastis.alias as fa
 from fastis import _alias_torch
 from fastis.alias import AliasTable, sample
 
@@ -114,13 +115,15 @@ def test_table_goodness_of_fit(backend, device, kind, n_cat):
 
 
 @pytest.mark.parametrize("kind,n_cat", CASES)
-@pytest.mark.parametrize("draws_per_cat", [0.25, 8])  # inverse CDF and table, on the CPU
-def test_sample_goodness_of_fit(backend, device, kind, n_cat, draws_per_cat):
+@pytest.mark.parametrize("method", ["icdf", "table", "fused"])
+def test_sample_goodness_of_fit(backend, device, monkeypatch, kind, n_cat, method):
+    if method == "fused" and backend != "triton":
+        method = "auto"  # the torch path has no fused kernel: its own rule instead
+    else:
+        monkeypatch.setattr(fa, "_method", lambda triton, num, n: method)
     w = make_weights(kind, n_cat).float().to(device)
     # the fused one-shot kernel is slow under the interpreter: fewer draws there
-    n = max(5_000 if backend == "triton" else 20_000, int(draws_per_cat * n_cat))
-    if draws_per_cat < 1:
-        n = min(n, 40_000)
+    n = 5_000 if method == "fused" else 20_000
     g = torch.Generator(device).manual_seed(99)
     idx, p = sample(w, n, generator=g, return_probs=True)
     check_draws(idx, w)
@@ -129,11 +132,15 @@ def test_sample_goodness_of_fit(backend, device, kind, n_cat, draws_per_cat):
     torch.testing.assert_close(p.double(), expect, rtol=1e-6, atol=0)
 
 
-def test_one_shot_methods_all_run():
-    # the torch path's rule: inverse CDF below 2 draws per category, a table above
-    w = make_weights("zipf", 300).float()
-    for n in (10, 599, 600, 5000):
-        check_draws(sample(w, n, generator=torch.Generator().manual_seed(n)), w)
+def test_dispatch_rule():
+    # torch path: inverse CDF below N / 4 + 2048 draws, a table from there (measured)
+    assert [fa._method(False, 300, n) for n in (10, 2122, 2123)] == ["icdf", "icdf", "table"]
+    assert fa._method(False, 2**20, 2**18 + 2047) == "icdf"
+    assert fa._method(False, 2**20, 2**18 + 2048) == "table"
+    # triton path: one fused launch for a small fresh distribution, else icdf / table
+    assert fa._method(True, 4096, 1365) == "fused"
+    assert fa._method(True, 2**20, 2**10) == "icdf"
+    assert fa._method(True, 2**20, 2**21) == "table"
 
 
 @pytest.mark.parametrize("build", ["build", "build_dense"])
