@@ -207,6 +207,20 @@ def test_importance_sampler_is_unbiased(device):
     assert st["steps_importance"] == m and st["mean_weight"] == pytest.approx(1.0, abs=0.05)
 
 
+def test_weights_are_inverse_presample_probabilities(backend):
+    """On each backend (the Triton kernels under the interpreter without a GPU): the weight
+    of a selected example is 1 / (B g_i) with g its share of the presample's scores, and an
+    example scored 0 is never selected."""
+    scores = torch.rand(36, generator=torch.Generator().manual_seed(0))
+    scores[::3] = 0.0
+    s = identity_sampler(36, 4, presample_size=12, tau_th=-1, seed=0)
+    for idx, sel, w, _ in feed(s, scores, 3):
+        g = scores[idx] / scores[idx].sum()
+        pos = [idx.index(i) for i in sel]
+        assert all(scores[i] > 0 for i in sel)
+        assert torch.allclose(w, 1.0 / (12 * g[pos]), rtol=1e-5)
+
+
 def test_history_sampler_is_unbiased():
     n, b, m, a = 30, 5, 2000, 0.1
     x, y, model, grads = linear_problem(n, seed=1)
@@ -414,6 +428,43 @@ def test_dataloader_batch_sampler(num_workers):
         xs, ys, w = h.select(None, xb, yb)
         h.update(fastis.score(model(xs), ys))
     assert h.stats()["steps"] == len(h) == 20
+
+
+def test_dataloader_with_workers_resumes_exactly(tmp_path):
+    """A real prefetching DataLoader (1 worker, 2 batches in flight): the batches drawn
+    but not trained at the checkpoint are replayed, and later decisions see the same tau."""
+    x, y = noisy_blobs(n=160)
+    ds = TensorDataset(x, y)
+
+    def run(steps, state=None):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(16, 8)
+        s = ImportanceSampler(ds, 8, seed=1, tau_th=1.2)
+        if state is not None:
+            s.load_state_dict(state["sampler"])
+            model.load_state_dict(state["model"])
+        opt = torch.optim.SGD(model.parameters(), lr=0.3)
+        loader = DataLoader(ds, batch_sampler=s, num_workers=1, prefetch_factor=2)
+        log = []
+        while len(log) < steps:
+            for xb, yb in loader:
+                xs, ys, w = s.select(model, xb, yb)
+                loss, g = fastis.cross_entropy(model(xs), ys, sample_weight=w,
+                                               return_score=True)
+                s.update(g)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                log.append((s.last_indices.tolist(), len(xb)))
+                if len(log) == steps:
+                    return log, {"sampler": s.state_dict(), "model": model.state_dict()}
+        return log, None
+
+    ref, _ = run(45)  # 20 steps per epoch: crosses two epochs
+    first, state = run(13)
+    rest, _ = run(45 - 13, state)
+    assert first + rest == ref
+    assert {n for _, n in ref} == {8, 24}  # both modes
 
 
 def test_iterator_abandoned_then_restarted():
