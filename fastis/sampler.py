@@ -252,8 +252,8 @@ class _StepSampler(Sampler):
         self.missing_updates = 0
 
     def __len__(self) -> int:
-        """Steps (batches) per epoch: ``ceil(shard_size / batch_size)``; the index stream
-        continues across epochs (no ``set_epoch`` is needed)."""
+        """Steps (batches) per epoch: ``ceil(shard_size / batch_size)``; the draws continue
+        across epochs (no ``set_epoch`` is needed)."""
         return -(-self.shard_size // self.batch_size)
 
     def __iter__(self):
@@ -402,12 +402,15 @@ class ImportanceSampler(_StepSampler):
     is never selected, which is unbiased only if its gradient is 0 (true for the default
     score; for a score function of your own, make zero mean zero gradient).
 
-    Distributed (``torch.distributed`` initialised, or ``num_replicas`` given): each rank
-    draws from its own shard of every permutation (``perm[rank::num_replicas]``, padded as
-    ``DistributedSampler``), so the ranks' batches are disjoint within a pass; each update
-    all-reduces the ranks' ``tau_new`` (their mean over ranks with valid scores), so every
-    rank holds the same ``tau`` and switches at the same step. ``update`` must then be
-    called every step on every rank (it is a collective when off).
+    Distributed (``torch.distributed`` initialised; ``num_replicas > 1`` requires it): each
+    rank draws from its own shard of every permutation (``perm[rank::num_replicas]``,
+    padded as ``DistributedSampler``), and as the ranks consume their shards in lockstep
+    their batches are disjoint at every step. Each ``tau`` update all-reduces the ranks'
+    ``tau_new`` (the mean over the ranks whose scores were valid; one 2-element
+    ``all_reduce`` on the scores' device), so every rank holds the same ``tau``, bit for
+    bit, and switches at the same step: ``select`` (when on) and ``update`` (when off) are
+    collectives, to be called every step on every rank. With FSDP the scoring forward pass
+    is a collective too, which the common switch keeps aligned.
 
     Args:
         data_source: a sized (map-style) data set, or its size ``N``.
@@ -415,7 +418,7 @@ class ImportanceSampler(_StepSampler):
         presample_size: ``B >= b`` (default ``3 b``), at most the shard size.
         tau_th: the switch threshold (default ``(B + 3b) / (3b)``); ``float('inf')`` never
             switches on, a negative value switches on from the first step.
-        a_tau: smoothing of ``tau``, in ``[0, 1)`` (default 0.9).
+        a_tau: smoothing of ``tau``, in ``[0, 1)`` (default 0.9; 0: no smoothing).
         score_fn: ``score_fn(outputs, targets) -> [n]`` scores, ``outputs = model(inputs)``
             (default ``fastis.score``, the gradient-norm bound from logits). E.g. the exact
             last-layer norm with a model returning ``(features, logits)``:
@@ -559,10 +562,10 @@ class ImportanceSampler(_StepSampler):
         pos, p = sample(safe, self.batch_size, generator=self._generator(safe.device),
                         return_probs=True)
         w = torch.where(usable, 1.0 / (n * p), 1.0).float()
+        w64 = w.double()
         self._counts = self._counts.to(w.device) + torch.stack(
-            [w.double().sum(), torch.tensor(float(w.shape[0]), dtype=torch.float64,
-                                            device=w.device),
-             (~finite).double(), (finite & ~usable).double()])
+            [w64.sum(), w64.new_tensor(float(w.shape[0])), (~finite).double(),
+             (finite & ~usable).double()])
         self._w_max = torch.maximum(self._w_max.to(w.device), w.max().double())
         self.last_indices = positions.index_select(0, pos.to(positions.device))
         return _take(inputs, pos), _take(targets, pos), w
