@@ -721,7 +721,7 @@ class ImportanceSampler(_StepSampler):
         iteration continues the interrupted epoch, replaying the batches that were yielded
         but not selected, so a resumed run draws what the uninterrupted one would have.
         The draw generator's state applies when its device type matches (otherwise it is
-        re-seeded)."""
+        re-seeded). Take ``state_dict()`` between steps (after ``update``)."""
         self._check_state(state_dict, self._config())
         dev = self._tau.device
         self._tau = state_dict["tau"].to(dev, torch.float64).clone()
@@ -871,6 +871,12 @@ class HistorySampler(_StepSampler):
         self._hist[pos] = torch.where(ok, s, self._hist[pos])
         self._seen[pos] |= ok
         self._invalid = self._invalid + (~ok).sum()
+
+    @property
+    def is_active(self) -> bool:
+        """Always True: every batch is importance sampled (the uniform share bounds the
+        weights instead of a switch)."""
+        return True
 
     def stats(self) -> dict:
         """Plain values to log (one synchronisation): ``steps``, ``rebuilds``, ``tau`` (of
