@@ -1,7 +1,8 @@
 """fastis: fast importance sampling for deep-learning training in PyTorch."""
 
 from fastis.loss import cross_entropy
+from fastis.sampler import HistorySampler, ImportanceSampler
 from fastis.score import score
 
-__all__ = ["cross_entropy", "score"]
+__all__ = ["HistorySampler", "ImportanceSampler", "cross_entropy", "score"]
 __version__ = "0.1.0"
