@@ -1,0 +1,5 @@
+import sys
+
+from fastis.cli import main
+
+sys.exit(main())

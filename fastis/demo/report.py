@@ -1,0 +1,108 @@
+"""The demo's outputs: the comparison table, ``results.json`` and the plot."""
+
+import json
+import math
+import platform
+from pathlib import Path
+
+import torch
+
+
+def time_to_reach(curve: dict, target: float) -> float:
+    """Training seconds at the first evaluation whose training loss is <= ``target``."""
+    for t, loss in zip(curve["time"], curve["train_loss"], strict=True):
+        if loss <= target:
+            return t
+    return math.inf
+
+
+def summarise(runs: dict) -> list[dict]:
+    """One row per method; speed-ups are against uniform sampling's final training loss."""
+    base = runs.get("uniform")
+    target = base["final_train_loss"] if base else None
+    base_time = time_to_reach(base["curve"], target) if base else None
+    rows = []
+    for name, r in runs.items():
+        row = {"method": name, "train_loss": r["final_train_loss"],
+               "test_error": r["final_test_error"], "steps": r["steps"],
+               "importance_share": r["steps_importance"] / max(r["steps"], 1),
+               "ms_per_step": 1e3 * r["seconds_per_step"]}
+        if target is not None:
+            t = time_to_reach(r["curve"], target)
+            row["time_to_uniform_loss"] = t
+            row["speedup"] = base_time / t if t > 0 and math.isfinite(t) else \
+                (math.inf if t == 0 else 0.0)
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """A markdown table a person reads in a terminal or a README."""
+    head = ("| method | train loss | test error | steps | IS steps | ms/step "
+            "| time to uniform's loss | speed-up |")
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        reach = r.get("time_to_uniform_loss")
+        reach = "-" if reach is None else ("never" if math.isinf(reach) else f"{reach:.1f} s")
+        speed = r.get("speedup")
+        speed = "-" if speed is None else ("-" if speed == 0 else f"{speed:.2f}x")
+        lines.append(f"| {r['method']} | {r['train_loss']:.3e} | {r['test_error']:.2%} | "
+                     f"{r['steps']} | {r['importance_share']:.0%} | {r['ms_per_step']:.2f} | "
+                     f"{reach} | {speed} |")
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        info["cpu"], info["cores"] = (names[0] if names else ""), len(names)
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def write(out: Path, runs: dict, settings: dict) -> dict:
+    """Writes ``results.json`` and ``results.png`` (if matplotlib is there) into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summarise(runs)
+    results = {"settings": settings, "machine": machine(), "summary": rows, "runs": runs}
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=_jsonable))
+    plot(out / "results.png", runs, settings)
+    return results
+
+
+def _jsonable(x):
+    return x if not isinstance(x, float) or math.isfinite(x) else str(x)
+
+
+def plot(path: Path, runs: dict, settings: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, r in runs.items():
+        c = r["curve"]
+        ax_loss.plot(c["time"], c["train_loss"], label=name, lw=1.8)
+        ax_err.plot(c["time"], [100 * e for e in c["test_error"]], label=name, lw=1.8)
+    ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("training time (s)")
+    ax_loss.set_ylabel("training loss (whole training set)")
+    ax_err.set_xlabel("training time (s)")
+    ax_err.set_ylabel("test error (%)")
+    for ax in (ax_loss, ax_err):
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    fig.suptitle(f"MNIST-1D, {settings.get('num_samples', '?')} examples, "
+                 f"{settings.get('budget', '?')} s per method, "
+                 f"{settings.get('schedule', '?')} schedule, seed {settings.get('seed', '?')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
