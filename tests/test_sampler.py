@@ -231,7 +231,7 @@ def test_history_sampler_is_unbiased():
     x, y, model, grads = linear_problem(n, seed=1)
     with torch.no_grad():
         g = fastis.score(model(x), y).double()
-    s = HistorySampler(n, b, uniform_mix=a, seed=4)
+    s = HistorySampler(n, b, uniform_mix=a, seed=4, rebuild_every=1)
     it = forever(s)
 
     def step():
@@ -593,7 +593,7 @@ def test_score_fn_with_wrong_result_raises(result, err, match):
 
 def test_history_sampler_scores_and_unseen_examples():
     n, a = 20, 0.2
-    s = HistorySampler(n, 4, uniform_mix=a, seed=0)
+    s = HistorySampler(n, 4, uniform_mix=a, seed=0, rebuild_every=1)
     it = forever(s)
     idx = next(it)
     _, _, w = s.select(None, torch.zeros(4, 1), None)
@@ -675,6 +675,20 @@ def test_importance_sampler_bad_arguments(kwargs, err, match):
 def test_history_sampler_bad_arguments(kwargs, err, match):
     with pytest.raises(err, match=match):
         HistorySampler(**kwargs)
+
+
+def test_history_sampler_rebuilds_every_k_draws():
+    s = HistorySampler(100, 4, rebuild_every=3, seed=0)
+    feed_history(s, 7)
+    assert s.stats()["rebuilds"] == 3  # before draws 0, 3 and 6
+
+
+def feed_history(s, steps):
+    it = forever(s)
+    for _ in range(steps):
+        next(it)
+        s.select(None, torch.zeros(s.batch_size, 1), None)
+        s.update(torch.rand(s.batch_size))
 
 
 def test_history_sampler_shards_without_process_group():
