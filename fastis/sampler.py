@@ -45,6 +45,7 @@ from fastis.alias import AliasTable, sample
 from fastis.score import score as _default_score
 
 STATE_VERSION = 1
+_STREAM_KEYS = ("pending", "epoch_yielded", "steps", "missing_updates")
 
 
 # --------------------------------------------------------------------------------------
@@ -349,6 +350,9 @@ class _StepSampler(Sampler):
         if state_dict.get("version") != STATE_VERSION:
             raise ValueError(f"state_dict has version {state_dict.get('version')!r}, "
                              f"expected {STATE_VERSION}")
+        missing = sorted(set(self._state_keys()) - set(state_dict))
+        if missing:
+            raise ValueError(f"state_dict is missing {missing}")
         saved = state_dict.get("config", {})
         diff = {k: (saved.get(k), v) for k, v in config.items() if saved.get(k) != v}
         if diff:
@@ -683,6 +687,10 @@ class ImportanceSampler(_StepSampler):
 
     # -- checkpoints ------------------------------------------------------------------
 
+    def _state_keys(self) -> tuple:
+        return ("config", "tau", "tau_new", "counts", "w_max", "pass", "cursor",
+                "steps_importance", "steps_uniform", "generator", *_STREAM_KEYS)
+
     def _config(self) -> dict:
         return {"num_samples": self.num_samples, "batch_size": self.batch_size,
                 "presample_size": self.presample_size, "tau_th": self.tau_th,
@@ -723,16 +731,17 @@ class ImportanceSampler(_StepSampler):
         The draw generator's state applies when its device type matches (otherwise it is
         re-seeded). Take ``state_dict()`` between steps (after ``update``)."""
         self._check_state(state_dict, self._config())
+        cursor = int(state_dict["cursor"])
+        if not 0 <= cursor <= self.shard_size:
+            raise ValueError(f"state_dict['cursor'] must be in [0, {self.shard_size}], got "
+                             f"{cursor}")
         dev = self._tau.device
         self._tau = state_dict["tau"].to(dev, torch.float64).clone()
         self._tau_new = state_dict["tau_new"].to(dev, torch.float64).clone()
         self._counts = state_dict["counts"].to(dev, torch.float64).clone()
         self._w_max = state_dict["w_max"].to(dev, torch.float64).clone()
         self._pass = int(state_dict["pass"])
-        self._cursor = int(state_dict["cursor"])
-        if not 0 <= self._cursor <= self.shard_size:
-            raise ValueError(f"state_dict['cursor'] must be in [0, {self.shard_size}], got "
-                             f"{self._cursor}")
+        self._cursor = cursor
         self.steps_importance = int(state_dict["steps_importance"])
         self.steps_uniform = int(state_dict["steps_uniform"])
         gen = state_dict["generator"]
@@ -905,6 +914,10 @@ class HistorySampler(_StepSampler):
                 f", uniform_mix={self.uniform_mix}, rebuild_every={self.rebuild_every}, "
                 f"num_replicas={self.num_replicas}, rank={self.rank})")
 
+    def _state_keys(self) -> tuple:
+        return ("config", "history", "seen", "invalid", "table", "draws", "rebuilds", "tau",
+                "weights", "generator", *_STREAM_KEYS)
+
     def _config(self) -> dict:
         return {"num_samples": self.num_samples, "batch_size": self.batch_size,
                 "uniform_mix": self.uniform_mix, "rebuild_every": self.rebuild_every,
@@ -938,19 +951,18 @@ class HistorySampler(_StepSampler):
         if hist is not None and tuple(hist.shape) != (self.shard_size,):
             raise ValueError(f"state_dict['history'] must have shape ({self.shard_size},), "
                              f"got {tuple(hist.shape)}")
-        dev = self._hist.device if self._hist is not None else torch.device("cpu")
-        self._hist = None if hist is None else hist.to(dev).clone()
-        self._seen = None if seen is None else seen.to(dev).clone()
-        self._invalid = state_dict["invalid"].to(dev).clone()
-        if state_dict["table"] is None:
-            self._table = None
-        else:
+        table = None
+        if state_dict["table"] is not None:
             table = AliasTable.__new__(AliasTable)
             table.load_state_dict(state_dict["table"])
             if len(table) != self.shard_size:
                 raise ValueError(f"state_dict['table'] has {len(table)} categories, expected "
                                  f"{self.shard_size}")
-            self._table = table
+        dev = self._hist.device if self._hist is not None else torch.device("cpu")
+        self._hist = None if hist is None else hist.to(dev).clone()
+        self._seen = None if seen is None else seen.to(dev).clone()
+        self._invalid = state_dict["invalid"].to(dev).clone()
+        self._table = table
         self._draws = int(state_dict["draws"])
         self.rebuilds = int(state_dict["rebuilds"])
         self.tau = float(state_dict["tau"])

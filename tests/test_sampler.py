@@ -718,6 +718,10 @@ def test_load_state_dict_checks_the_configuration():
     bad = dict(state, version=99)
     with pytest.raises(ValueError, match="version"):
         s.load_state_dict(bad)
+    with pytest.raises(ValueError, match=r"missing \['cursor'\]"):
+        s.load_state_dict({k: v for k, v in state.items() if k != "cursor"})
+    with pytest.raises(ValueError, match="cursor"):
+        s.load_state_dict(dict(state, cursor=1000))
     h = HistorySampler(100, 4, seed=0)
     with pytest.raises(ValueError, match="uniform_mix"):
         HistorySampler(100, 4, seed=0, uniform_mix=0.3).load_state_dict(h.state_dict())
