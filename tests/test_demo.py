@@ -153,3 +153,25 @@ def test_selective_backprop_rule():
     torch.testing.assert_close(p1[1], torch.tensor(52 / 104))  # 0..49, -1 and itself
     torch.testing.assert_close(p2, p1.square())
     assert p1[0] == 1 / 104  # the smallest is kept rarely (only itself below or equal)
+
+
+def test_e2e_benchmark_smoke(tmp_path):
+    from bench import e2e
+
+    records = e2e.main(["--methods", "uniform", "history", "infobatch", "--seeds", "0", "1",
+                        "--budget", "0.3", "--num-samples", "1500", "--evals", "2",
+                        "--out", str(tmp_path), "--name", "smoke"])
+    assert set(records) == {"uniform", "history", "infobatch"}
+    text = (tmp_path / "e2e_smoke.md").read_text()
+    assert "| uniform |" in text and "±" in text
+    best = e2e.main(["--methods", "uniform", "--seeds", "0", "--budget", "0.2",
+                     "--num-samples", "1500", "--evals", "1", "--out", str(tmp_path),
+                     "--name", "smoke", "--sweep", "0.01", "0.1"])
+    assert best["uniform"] in (0.01, 0.1)
+
+
+def test_resnet18_shapes():
+    from bench.e2e import ResNet18
+
+    model = ResNet18(width=8)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)

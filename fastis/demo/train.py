@@ -149,12 +149,14 @@ def make_method(cfg: RunConfig, n: int):
     raise ValueError(f"unknown method {cfg.method!r}; choose from {METHODS + BASELINES}")
 
 
-def run(cfg: RunConfig, data, progress: Callable[[float, dict], None] | None = None) -> dict:
+def run(cfg: RunConfig, data, progress: Callable[[float, dict], None] | None = None,
+        model_fn: Callable[[], torch.nn.Module] | None = None) -> dict:
     """Trains ``cfg.method`` for ``cfg.budget`` seconds of training; returns its record.
 
     Args:
         data: ``(x_train, y_train, x_test, y_test)`` on ``cfg.device``.
         progress: called as ``progress(seconds_trained, state)`` about twice a second.
+        model_fn: builds the model (default: the demo's ``MNIST1DCNN``).
 
     Returns:
         A dict: the config, ``curve`` (``time``, ``train_loss``, ``test_error``, ``step``
@@ -163,7 +165,7 @@ def run(cfg: RunConfig, data, progress: Callable[[float, dict], None] | None = N
     """
     x, y, x_test, y_test = data
     torch.manual_seed(cfg.seed)
-    model = MNIST1DCNN().to(cfg.device)
+    model = (model_fn or MNIST1DCNN)().to(cfg.device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     method = make_method(cfg, len(x))
     cuda = torch.device(cfg.device).type == "cuda"
