@@ -140,6 +140,12 @@ def test_skewed_scores_switch_on_after_the_smoothing_delay(tau_th, b):
     assert switched is not None
     # the switch comes exactly when the recursion crosses tau_th, not before
     assert tau > th and s.stats()["steps_uniform"] == switched
+    # on: tau follows the recursion on the presample's scores (update() is then a no-op)
+    s.select(lambda t: t, scores[idx][:, None], None)
+    tau = 0.9 * tau + 0.1 * float(compute_tau(scores[idx]))
+    assert s.tau == pytest.approx(tau, rel=1e-12)
+    s.update(torch.full((b,), float("nan")))
+    assert s.tau == pytest.approx(tau, rel=1e-12)
 
 
 def test_switch_delay_with_constant_tau_new():
