@@ -431,11 +431,18 @@ class ImportanceSampler(_StepSampler):
             baseline).
         chunk_size: score the presample this many rows at a time (default: all at once).
         eval_scoring: score an ``nn.Module`` in eval mode (no dropout, no BatchNorm
-            statistics update), restoring its mode after (default True).
+            statistics update), restoring its mode after (default True; a
+            ``torch.compile``d module then keeps one graph per mode).
         seed: seeds the permutations (the same on all ranks) and the per-rank draw
             generator; default: drawn from torch's default generator (``torch.manual_seed``
             makes runs reproducible), broadcast from rank 0 when distributed.
         num_replicas, rank: as ``DistributedSampler`` (default: from the process group).
+
+    Attributes:
+        tau, tau_th, is_active: the switch (``tau`` and ``is_active`` read the device).
+        steps, steps_importance, steps_uniform: selected batches, in all and per mode.
+        last_indices: data set indices of the batch ``select`` last returned (a tensor on
+            the batch's device).
 
     Example:
         >>> sampler = fastis.ImportanceSampler(len(X), batch_size=128, seed=0)
