@@ -3,7 +3,7 @@
 import torch
 
 from fastis._checks import check_logits_target, check_rows
-from fastis._ops import scale_rows_, softmax_xent, softmax_xent_
+from fastis._ops import loss_and_score, scale_rows_, softmax_xent_
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -81,8 +81,7 @@ def cross_entropy(
         loss, score = _InplaceCrossEntropy.apply(logits, target, weight, reduction,
                                                  ignore_index, float(label_smoothing))
     else:
-        loss, score, _ = softmax_xent(logits, target, ignore_index, float(label_smoothing),
-                                      False)
+        loss, score = loss_and_score(logits, target, ignore_index, float(label_smoothing))
         loss = _reduce(loss, weight, reduction, target, logits, ignore_index)
     if not return_score:
         return loss

@@ -3,7 +3,7 @@
 import torch
 
 from fastis._checks import check_logits_target, check_rows
-from fastis._ops import softmax_xent
+from fastis._ops import loss_and_score
 
 
 def score(
@@ -55,8 +55,8 @@ def score(
     if features is not None:
         check_rows("features", features, logits, trailing=True)
     with torch.no_grad():
-        _, g, _ = softmax_xent(logits.detach(), target.detach(), ignore_index,
-                               float(label_smoothing), False)
+        _, g = loss_and_score(logits.detach(), target.detach(), ignore_index,
+                              float(label_smoothing))
         if features is not None:
             h = torch.linalg.vector_norm(features.detach(), dim=-1, dtype=torch.float32)
             g = g * torch.sqrt(h * h + 1.0) if bias else g * h
