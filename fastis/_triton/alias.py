@@ -193,16 +193,16 @@ def _icdf_kernel(
         last = tl.maximum(last, tl.max(tl.where(w > 0.0, k.to(tl.int64), -1), 0))
     target = u * total
     # pass 2: the drawn item is #{k : C_k <= target}, the first k with C_k > target
-    count = tl.zeros((BLOCK_N,), tl.int64)
+    count = tl.zeros((BLOCK_N,), tl.int32)
     running = tl.zeros((), tl.float64)
     for start in range(0, N, BLOCK_B):
         k = start + cols
         w = tl.load(W + k, mask=k < N, other=0.0).to(tl.float64)
         c = running + tl.cumsum(w, 0)
         below = (c[None, :] <= target[:, None]) & (k < N)[None, :]
-        count += tl.sum(below.to(tl.int64), 1)
+        count += tl.sum(below.to(tl.int32), 1)
         running = tl.max(c, 0)
-    idx = tl.minimum(count, last)
+    idx = tl.minimum(count.to(tl.int64), last)
     p = tl.load(W + idx, mask=mask, other=0.0).to(tl.float64) / total
     tl.store(Out + offs, idx, mask=mask)
     tl.store(ProbsOut + offs, p.to(ProbsOut.dtype.element_ty), mask=mask)
@@ -213,7 +213,7 @@ def _icdf_kernel(
 SCAN_BLOCK = 1024
 SAMPLE_BLOCK = 1024
 ICDF_BLOCK_N = 64
-ICDF_BLOCK_B = 256
+ICDF_BLOCK_B = 128  # a [BLOCK_N, BLOCK_B] comparison tile per step
 
 
 def _seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
