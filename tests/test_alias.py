@@ -240,6 +240,18 @@ def test_zero_draws_and_shapes(backend, device):
         assert p.dtype == torch.promote_types(dtype, torch.float32)
 
 
+def test_strided_and_grad_weights(backend, device):
+    base = make_weights("zipf", 600).float().to(device).requires_grad_()
+    w = base[::3]  # a non-contiguous view that requires grad
+    table = AliasTable(w)
+    check_exact(table.prob, table.alias, w.detach())
+    g = torch.Generator(device).manual_seed(4)
+    check_draws(table.sample(20_000, generator=g), w.detach())
+    idx, p = sample(w, 64, generator=g, return_probs=True)
+    assert not p.requires_grad
+    torch.testing.assert_close(p.double(), (w.double() / w.double().sum())[idx].detach())
+
+
 def test_rebuild_reuses_buffers(backend, device):
     table = AliasTable(make_weights("zipf", 300).to(device))
     ptrs = [t.data_ptr() for t in (table.prob, table.alias, table.probs)]
