@@ -76,24 +76,24 @@ def _check_weights(weights, *, check_values: bool) -> None:
 def _check_values(w: torch.Tensor, total: torch.Tensor | None = None) -> None:
     """ValueError for NaN, inf, negative or all-zero weights, or a float64 sum overflow.
 
-    Two reductions (min/max propagate NaN; ``total``, the float64 sum, when the caller has
-    it) and one synchronisation on CUDA; finding the offending index runs only on failure.
+    One ``min`` (NaN propagates), the float64 sum (``total``, when the caller has it) and
+    one synchronisation on CUDA; naming the problem and its index runs only on failure.
     """
-    lo, hi = w.aminmax()
     if total is None:
         total = w.sum(dtype=torch.float64)
-    lo, hi, total = torch.stack([lo.double(), hi.double(), total.reshape(())]).tolist()
-    if math.isnan(lo) or math.isnan(hi):
+    total = total.reshape(())
+    if bool((w.min() >= 0) & (total > 0) & total.isfinite()):
+        return
+    if w.isnan().any():
         raise ValueError(f"weights must not contain NaN (first at index {_first(w.isnan())})")
-    if math.isinf(lo) or math.isinf(hi):
+    if w.isinf().any():
         raise ValueError(f"weights must be finite, got inf at index {_first(w.isinf())}")
-    if lo < 0:
+    if (w < 0).any():
         i = _first(w < 0)
         raise ValueError(f"weights must be non-negative, got {w[i].item()} at index {i}")
-    if hi == 0:
-        raise ValueError("weights must not all be zero (no category can be drawn)")
-    if math.isinf(total):
+    if math.isinf(float(total)):
         raise ValueError("the sum of weights overflows float64; rescale the weights")
+    raise ValueError("weights must not all be zero (no category can be drawn)")
 
 
 def _first(mask: torch.Tensor) -> int:
