@@ -377,3 +377,37 @@ def test_property_triton_matches_torch(n_cat, zeros, spread, seed, block):
     finally:
         tri.SCAN_BLOCK = saved
     check_exact(prob, alias, w)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (no-sync and graph checks)")
+def test_cuda_draws_do_not_synchronise():
+    w = make_weights("zipf", 4096).float().cuda()
+    table = AliasTable(w)  # the one documented synchronisation (value check)
+    draws = [
+        lambda: table.sample(1 << 16, return_probs=True),
+        lambda: sample(w, 1365, return_probs=True),  # fused b-of-B kernel
+        lambda: sample(w.repeat(64), 1 << 10),  # inverse CDF on the device
+        lambda: sample(w, 1 << 14),  # table
+    ]
+    for draw in draws:
+        draw()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for draw in draws:
+            draw()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert table.to("cpu").to("cuda").device.type == "cuda"
+    # a one-shot draw captures in a CUDA graph
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        sample(w, 1365)
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        idx = sample(w, 1365)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert 0 <= int(idx.min()) and int(idx.max()) < 4096
