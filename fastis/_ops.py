@@ -9,7 +9,9 @@ Autograd: the op is differentiable w.r.t. ``logits`` through its per-row ``loss`
 The backward pass runs the same kernel again with ``compute_grad=True`` and the incoming
 per-row gradient folded into ``grad_scale``: one more read of the logits and one write of
 the gradient, no buffer kept between forward and backward but the logits themselves, and
-no host synchronisation. The ``score`` output is not differentiable.
+no host synchronisation. The ``score`` output is not differentiable. ``loss_and_score`` is
+what the public functions call: this op under ``torch.compile``, a lighter equivalent in
+eager mode.
 """
 
 import torch
@@ -116,27 +118,28 @@ def loss_and_score(logits, target, ignore_index: int, label_smoothing: float):
     """Per-row ``(loss, score)``, ``loss`` differentiable w.r.t. ``logits``.
 
     While ``torch.compile`` traces: the registered op. In eager mode: the same computation
-    without the op's dispatcher on the Triton path; on the torch path, torch's own fused
-    cross-entropy for the loss and its gradient (faster than any composition of torch ops,
-    and the same numbers) and ``fastis.reference`` for the score.
+    without the op's dispatcher; on CPU tensors, torch's own fused cross-entropy for the
+    loss and its gradient (faster than any composition of torch ops, and the same numbers)
+    and ``fastis.reference`` for the score. (Not on CUDA's torch path: torch's kernel
+    asserts on a class index out of range, where fastis promises a NaN row.)
     """
     if torch.compiler.is_compiling():
         loss, score, _ = softmax_xent(logits, target, ignore_index, label_smoothing, False)
         return loss, score
-    if use_triton(logits):
+    if logits.is_cuda or use_triton(logits):
         return _EagerSoftmaxXent.apply(logits, target, ignore_index, label_smoothing)
-    if not logits.is_cuda and not target.is_floating_point():
+    if not target.is_floating_point():
         check_target_range(target, logits.shape[-1], ignore_index)
     with torch.no_grad():
         _, score, _ = reference.softmax_xent(logits, target, ignore_index=ignore_index,
                                              label_smoothing=label_smoothing)
-    C = logits.shape[-1]
-    flat_target = target.reshape(-1, C) if target.is_floating_point() else \
+    C, dtype = logits.shape[-1], _out_dtype(logits)
+    flat_target = target.reshape(-1, C).to(dtype) if target.is_floating_point() else \
         target.reshape(-1).long()
-    loss = F.cross_entropy(logits.reshape(-1, C).to(_out_dtype(logits)), flat_target,
+    loss = F.cross_entropy(logits.reshape(-1, C).to(dtype), flat_target,
                            reduction="none", ignore_index=ignore_index,
                            label_smoothing=label_smoothing)
-    return loss.view(logits.shape[:-1]), score.to(_out_dtype(logits))
+    return loss.view(logits.shape[:-1]), score.to(dtype)
 
 
 @torch.library.custom_op("fastis::softmax_xent_", mutates_args=("logits",))
