@@ -51,9 +51,10 @@ def build(
 
     On the CPU the lights and heavies are compacted and only the heavies search (``K``
     sorted searches into the ``L`` lights' prefix sums); the lights' partners then follow
-    from one counting pass. On CUDA it is ``build_dense`` (no data-dependent shapes).
+    from one counting pass. On CUDA, and for a batch ``[R, N]`` (one table per row), it is
+    ``build_dense`` (no data-dependent shapes).
     """
-    if weights.is_cuda:
+    if weights.is_cuda or weights.dim() != 1:
         return build_dense(weights, out_prob=out_prob, out_alias=out_alias, out_probs=out_probs)
     n = weights.shape[0]
     dev = weights.device
@@ -109,29 +110,30 @@ def build_dense(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``build`` with one search per item over the full prefix sums: no compaction, so no
     data-dependent shapes (no host synchronisation on CUDA). The layout of the Triton
-    kernels, and the torch path's build on CUDA."""
-    n = weights.shape[0]
+    kernels, the torch path's build on CUDA, and the build of a batch ``[R, N]`` of
+    distributions (every operation runs along the last dimension, one table per row)."""
+    n = weights.shape[-1]
     dev = weights.device
     w = weights.to(torch.float64)
     if out_probs is None:
-        out_probs = torch.empty(n, dtype=torch.float64, device=dev)
-    probs = torch.div(w, w.sum(), out=out_probs)
+        out_probs = torch.empty(weights.shape, dtype=torch.float64, device=dev)
+    probs = torch.div(w, w.sum(-1, keepdim=True), out=out_probs)
     del w
     q = probs * n
     light = q <= 1.0
     d = (1.0 - q).clamp_min_(0.0)
     e = (q - 1.0).clamp_min_(0.0)
-    a = torch.cumsum(d, 0)
-    h = torch.cumsum(e, 0)
+    a = torch.cumsum(d, -1)
+    h = torch.cumsum(e, -1)
     del d, e
     # Exactly, A_N = H_N (the q sum to N); in float64 they differ by the rounding of N terms
     # (~1e-4 at N = 2^25), and the last heavy item would absorb it all. Scaling the excesses
     # by A_N / H_N (1 + ~1e-12) spreads it over the heavy items instead.
-    h.mul_(torch.where(h[-1] > 0, a[-1] / h[-1], 1.0))
+    a_end, h_end = a[..., -1:], h[..., -1:]
+    h.mul_(torch.where(h_end > 0, a_end / h_end, 1.0))
     # Query per item: the exclusive prefix A_{k-1} for lights, H_k for heavies.
-    a_excl = torch.empty_like(a)
-    a_excl[0] = 0.0
-    a_excl[1:] = a[:-1]
+    a_excl = torch.zeros_like(a)
+    a_excl[..., 1:] = a[..., :-1]
     x = torch.where(light, a_excl, h)
     del a_excl
     target = torch.searchsorted(h, x, right=True)
@@ -139,27 +141,29 @@ def build_dense(
     # Heavy remainders r_h = 1 + H_h - A_{i(h)}; lights keep q.
     pos = torch.searchsorted(a, h, right=False)
     found = pos < n
-    a_at = a.gather(0, pos.clamp_max_(n - 1))
+    a_at = a.gather(-1, pos.clamp_max_(n - 1))
     del pos, a
     r = torch.where(found, (1.0 + h - a_at).clamp_(0.0, 1.0), 1.0)
     del a_at, h
     self_idx = torch.arange(n, device=dev, dtype=torch.int64)
-    prob = out_prob if out_prob is not None else torch.empty(n, dtype=PROB_DTYPE, device=dev)
-    torch.where(light, q, r, out=prob)
-    alias = out_alias if out_alias is not None else torch.empty(n, dtype=index_dtype(n), device=dev)
-    alias.copy_(torch.where(target < n, target, self_idx))
+    if out_prob is None:
+        out_prob = torch.empty(weights.shape, dtype=PROB_DTYPE, device=dev)
+    prob = torch.where(light, q, r, out=out_prob)
+    if out_alias is None:
+        out_alias = torch.empty(weights.shape, dtype=index_dtype(n), device=dev)
+    alias = out_alias.copy_(torch.where(target < n, target, self_idx))
     return prob, alias, probs
 
 
 def random_buckets(
-    n: int, size: int, generator: torch.Generator | None, device: torch.device
+    n: int, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
 ) -> torch.Tensor:
-    """``size`` uniform int64 buckets in ``[0, n)`` from 63 random bits (bias <= n / 2^63).
+    """Uniform int64 buckets in ``[0, n)`` from 63 random bits (bias <= n / 2^63).
 
     (``torch.randint(0, n)`` takes 32 random bits for ``n < 2^32``: a modulo bias of up to
     ``n / 2^32``, 1.6% at ``n = 2^26``.)
     """
-    r = torch.empty(size, dtype=torch.int64, device=device)
+    r = torch.empty(shape, dtype=torch.int64, device=device)
     r.random_(generator=generator)  # uniform on [0, 2^63 - 1]
     return r.remainder_(n)
 
@@ -167,27 +171,29 @@ def random_buckets(
 def sample_table(
     prob: torch.Tensor, alias: torch.Tensor, size: int, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """``size`` int64 indices from the table (bucket first, then the coin)."""
-    n = prob.shape[0]
-    bucket = random_buckets(n, size, generator, prob.device)
-    coin = torch.rand(size, dtype=torch.float64, device=prob.device, generator=generator)
-    keep = coin < prob[bucket]
-    return torch.where(keep, bucket, alias[bucket].to(torch.int64))
+    """``size`` int64 indices per table (``[..., size]``; bucket first, then the coin)."""
+    shape = (*prob.shape[:-1], size)
+    bucket = random_buckets(prob.shape[-1], shape, generator, prob.device)
+    coin = torch.rand(shape, dtype=torch.float64, device=prob.device, generator=generator)
+    keep = coin < prob.gather(-1, bucket)
+    return torch.where(keep, bucket, alias.gather(-1, bucket).to(torch.int64))
 
 
 def cdf(weights: torch.Tensor) -> torch.Tensor:
-    """float64 inclusive cumulative sum of ``weights`` (its last entry is the total)."""
-    return torch.cumsum(weights, 0, dtype=torch.float64)
+    """float64 inclusive cumulative sum along the last dimension (its last entry: the total)."""
+    return torch.cumsum(weights, -1, dtype=torch.float64)
 
 
 def sample_cdf(c: torch.Tensor, size: int, generator: torch.Generator | None) -> torch.Tensor:
-    """One-shot inverse-CDF draw from a ``cdf``: int64 indices, one sorted search each.
+    """One-shot inverse-CDF draw from a ``cdf``: int64 ``[..., size]``, one search each.
 
     Item ``k`` is drawn when ``C_{k-1} <= u C_{N-1} < C_k`` (``u`` float64 uniform on
     ``[0, 1)``, 53 bits), so weight-0 items never are; a target rounded up past the last
     bucket goes to the last positive item.
     """
-    u = torch.rand(size, dtype=torch.float64, device=c.device, generator=generator)
-    idx = torch.searchsorted(c, u.mul_(c[-1:]), right=True)
-    last_positive = torch.searchsorted(c, c[-1:], right=False)
+    shape = (*c.shape[:-1], size)
+    u = torch.rand(shape, dtype=torch.float64, device=c.device, generator=generator)
+    total = c[..., -1:].contiguous()
+    idx = torch.searchsorted(c, u.mul_(total), right=True)
+    last_positive = torch.searchsorted(c, total, right=False)
     return torch.minimum(idx, last_positive)
