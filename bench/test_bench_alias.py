@@ -15,6 +15,7 @@ Groups (the first provider of each is the baseline of the report's ratios):
   ``numpy.random.Generator.choice(N, n, p=p)``: the baselines have no table, so every call
   pays their O(N) preparation, which is exactly what a table saves when it serves many draws.
 - ``oneshot N n``: ``fastis.sample(w, n)`` against the same two baselines.
+- ``batch R N n``: ``fastis.sample`` of ``[R, N]`` weights against 2-D ``torch.multinomial``.
 - ``rule N n``: the two methods ``fastis.sample`` chooses between, inverse CDF and table
   (build + draw), for the dispatch rule in ``fastis.alias``.
 """
@@ -138,3 +139,17 @@ def test_rule(benchmark, provider, N, n):
     benchmark.group = f"rule N={N} n={n} (n/N={n / N:g})"
     benchmark.extra_info.update(N=N, n=n)
     _run(benchmark, fn, 8 * N + 8 * n)
+
+
+@pytest.mark.parametrize("provider", ["fastis", "multinomial"])
+@pytest.mark.parametrize("R,N,n", [(64, 4096, 1024), (256, 384, 128)], ids=lambda v: str(v))
+def test_batch(benchmark, provider, R, N, n):
+    w = torch.stack([_weights(N + r)[:N] for r in range(R)])
+    g = torch.Generator().manual_seed(0)
+    if provider == "fastis":
+        fn = lambda: fa.sample(w, n, generator=g)  # noqa: E731
+    else:
+        fn = lambda: torch.multinomial(w, n, replacement=True, generator=g)  # noqa: E731
+    benchmark.group = f"batch R={R} N={N} n={n}"
+    benchmark.extra_info.update(R=R, N=N, n=n)
+    _run(benchmark, fn, R * (4 * N + 8 * n))
