@@ -210,10 +210,17 @@ def _icdf_kernel(
 
 # -- launchers -------------------------------------------------------------------------------
 
-SCAN_BLOCK = 1024
+# Fixed configurations, chosen from an ahead-of-time sm_90 compile (registers per thread,
+# no spills; `triton.compile(..., target=GPUTarget("cuda", 90, 32))` runs without a GPU):
+# scan 48, fill 40, sample 42, one-shot 103. Not yet timed on a GPU.
+SCAN_BLOCK = 1024  # also the granularity of the block offsets the searches use
+SCAN_WARPS = 8
+FILL_WARPS = 16  # the searches are latency-bound: many threads, 2 items each
 SAMPLE_BLOCK = 1024
-ICDF_BLOCK_N = 64
+SAMPLE_WARPS = 8
+ICDF_BLOCK_N = 32
 ICDF_BLOCK_B = 128  # a [BLOCK_N, BLOCK_B] comparison tile per step
+ICDF_WARPS = 8
 
 
 def _seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -241,7 +248,9 @@ def build(
     h = torch.empty(n, dtype=torch.float64, device=dev)
     block_a = torch.empty(n_blocks, dtype=torch.float64, device=dev)
     block_h = torch.empty(n_blocks, dtype=torch.float64, device=dev)
-    _alias_scan_kernel[(n_blocks,)](w, total, probs, a, h, block_a, block_h, n, BLOCK=SCAN_BLOCK)
+    _alias_scan_kernel[(n_blocks,)](
+        w, total, probs, a, h, block_a, block_h, n, BLOCK=SCAN_BLOCK, num_warps=SCAN_WARPS
+    )
     # exclusive block offsets, so that a global prefix value is local + offset
     off_a = torch.zeros_like(block_a)
     off_h = torch.zeros_like(block_h)
@@ -255,7 +264,7 @@ def build(
     alias = out_alias if out_alias is not None else torch.empty(n, dtype=index_dtype(n), device=dev)
     _alias_fill_kernel[(n_blocks,)](
         probs, a, h, off_a, off_h, scale_h, prob, alias, n, n_blocks, n_blocks.bit_length(),
-        BLOCK=SCAN_BLOCK, IN_STEPS=SCAN_BLOCK.bit_length(),
+        BLOCK=SCAN_BLOCK, IN_STEPS=SCAN_BLOCK.bit_length(), num_warps=FILL_WARPS,
     )
     return prob, alias, probs
 
@@ -269,7 +278,9 @@ def sample_table(
         return out
     seed = _seed(generator, prob.device)
     grid = (triton.cdiv(size, SAMPLE_BLOCK),)
-    _alias_sample_kernel[grid](prob, alias, seed, out, size, prob.shape[0], BLOCK=SAMPLE_BLOCK)
+    _alias_sample_kernel[grid](
+        prob, alias, seed, out, size, prob.shape[0], BLOCK=SAMPLE_BLOCK, num_warps=SAMPLE_WARPS
+    )
     return out
 
 
@@ -286,6 +297,6 @@ def sample_icdf(
     grid = (triton.cdiv(size, ICDF_BLOCK_N),)
     _icdf_kernel[grid](
         weights.contiguous(), seed, out, probs, size, weights.shape[0],
-        BLOCK_N=ICDF_BLOCK_N, BLOCK_B=ICDF_BLOCK_B,
+        BLOCK_N=ICDF_BLOCK_N, BLOCK_B=ICDF_BLOCK_B, num_warps=ICDF_WARPS,
     )
     return out, probs
