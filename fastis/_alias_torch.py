@@ -30,6 +30,35 @@ import torch
 PROB_DTYPE = torch.float64
 
 
+# Devices whose torch.cumsum is a sequential loop, so that adding 0.0 leaves a prefix sum
+# bit-identical. A parallel scan (CUDA) associates every position differently and may move
+# the sum by an ulp at a zero increment: a weight-0 item would then own an ulp-wide interval
+# of the inverse CDF, and a light item could look heavy to the alias search. ``_flat``
+# removes such steps.
+SEQUENTIAL_SCAN_DEVICES = ("cpu",)
+
+
+def _cumsum(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Inclusive prefix sums along the last dimension (a seam for the tests' scan)."""
+    return torch.cumsum(x, -1, dtype=dtype)
+
+
+def _flat(c: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``c`` where each position takes the value at the last position ``<=`` it at which
+    ``step`` is True (0 before the first): a prefix sum moves only where its increment is
+    positive. No-op for sequential scans (not called for them)."""
+    idx = torch.arange(c.shape[-1], device=c.device).expand(c.shape)
+    last = torch.where(step, idx, -1).cummax(-1).values
+    return torch.where(last >= 0, c.gather(-1, last.clamp_min(0)), 0.0)
+
+
+def _scan(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    c = _cumsum(x, dtype)
+    if c.device.type not in SEQUENTIAL_SCAN_DEVICES:
+        c = _flat(c, x > 0)
+    return c
+
+
 def index_dtype(n: int) -> torch.dtype:
     """Smallest index dtype that holds 0..n-1 (int32 up to 2^31 - 1 items)."""
     return torch.int32 if n <= 2**31 - 1 else torch.int64
@@ -123,8 +152,8 @@ def build_dense(
     light = q <= 1.0
     d = (1.0 - q).clamp_min_(0.0)
     e = (q - 1.0).clamp_min_(0.0)
-    a = torch.cumsum(d, -1)
-    h = torch.cumsum(e, -1)
+    a = _scan(d)
+    h = _scan(e)
     del d, e
     # Exactly, A_N = H_N (the q sum to N); in float64 they differ by the rounding of N terms
     # (~1e-4 at N = 2^25), and the last heavy item would absorb it all. Scaling the excesses
@@ -181,7 +210,7 @@ def sample_table(
 
 def cdf(weights: torch.Tensor) -> torch.Tensor:
     """float64 inclusive cumulative sum along the last dimension (its last entry: the total)."""
-    return torch.cumsum(weights, -1, dtype=torch.float64)
+    return _scan(weights, torch.float64)
 
 
 def sample_cdf(c: torch.Tensor, size: int, generator: torch.Generator | None) -> torch.Tensor:

@@ -477,10 +477,12 @@ jobs = {
     "scan": (A._alias_scan_kernel, dict(W="*fp32", Total=P64, Probs=P64, A=P64, H=P64,
              BlockA=P64, BlockH=P64, N=I32), dict(BLOCK=A.SCAN_BLOCK), A.SCAN_WARPS),
     "fill": (A._alias_fill_kernel, dict(Probs=P64, A=P64, H=P64, OffA=P64, OffH=P64,
-             ScaleH=P64, Prob=P64, Alias="*i32", N=I32, n_blocks=I32, block_steps=I32),
+             PrevA=P64, PrevH=P64, EndA=P64, EndH=P64, ScaleH=P64, Prob=P64, Alias="*i32",
+             N=I32, n_blocks=I32, block_steps=I32),
              dict(BLOCK=A.SCAN_BLOCK, IN_STEPS=A.SCAN_BLOCK.bit_length()), A.FILL_WARPS),
     "fill_int64": (A._alias_fill_kernel, dict(Probs=P64, A=P64, H=P64, OffA=P64, OffH=P64,
-             ScaleH=P64, Prob=P64, Alias="*i64", N="i64", n_blocks=I32, block_steps=I32),
+             PrevA=P64, PrevH=P64, EndA=P64, EndH=P64, ScaleH=P64, Prob=P64, Alias="*i64",
+             N="i64", n_blocks=I32, block_steps=I32),
              dict(BLOCK=A.SCAN_BLOCK, IN_STEPS=A.SCAN_BLOCK.bit_length()), A.FILL_WARPS),
     "sample": (A._alias_sample_kernel, dict(Prob=P64, Alias="*i32", Seed="*i64", Out="*i64",
                n=I32, N=I32), dict(BLOCK=A.SAMPLE_BLOCK), A.SAMPLE_WARPS),
@@ -526,3 +528,63 @@ def test_kernels_compile_for_sm90_without_spills():
         stack = int(re.search(r"STACK:(\d+)", text).group(1))
         # the int64 build (N >= 2^31) keeps an 8-byte stack slot; nothing spills beyond it
         assert stack <= 8 and regs < 128, (name, text)
+
+
+def tree_cumsum(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Hillis-Steele inclusive scan: rounds each position in its own association, as a
+    GPU's parallel scan does (unlike the CPU's sequential torch.cumsum)."""
+    y = x.to(dtype) if dtype is not None else x.clone()
+    step = 1
+    while step < y.shape[-1]:
+        y = torch.cat([y[..., :step], y[..., step:] + y[..., :-step]], -1)
+        step *= 2
+    return y
+
+
+@pytest.mark.parametrize("kind", ["zeros", "wide", "dominant", "uniform"])
+def test_parallel_scan_rounding(monkeypatch, kind):
+    """With a parallel scan, zero increments can move a prefix sum by an ulp: without
+    ``_flat``, weight-0 items become alias targets and inverse-CDF intervals (this test
+    fails on thousands of items then). The torch path on CUDA runs exactly this code."""
+    monkeypatch.setattr(_alias_torch, "_cumsum", tree_cumsum)
+    monkeypatch.setattr(_alias_torch, "SEQUENTIAL_SCAN_DEVICES", ())
+    w = make_weights(kind, 2**14, seed=3)
+    prob, alias, probs = _alias_torch.build_dense(w)
+    check_exact(prob, alias, w)
+    split = prob < 1
+    assert (probs[alias.long()][split] * w.shape[0] > 1).all(), "a bucket points at a light item"
+    c = _alias_torch.cdf(w)
+    zero = w[1:] == 0
+    assert torch.equal(c[1:][zero], c[:-1][zero])
+    idx = _alias_torch.sample_cdf(c, 200_000, torch.Generator().manual_seed(0))
+    check_draws(idx, w)
+
+
+@pytest.mark.parametrize("kind", ["zeros", "dominant", "wide"])
+def test_triton_parallel_scan_rounding(monkeypatch, kind):
+    """The kernels under an interpreter whose tl.cumsum rounds like a GPU's parallel scan
+    (Hillis-Steele, instead of numpy's sequential cumsum)."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("the real GPU scan runs in the other tests on this machine")
+    from triton.runtime import interpreter
+
+    from fastis._triton import alias as tri
+
+    def tree_scan(self, input):
+        y = np.moveaxis(np.array(input.handle.data, copy=True), self.axis, -1)
+        step = 1
+        while step < y.shape[-1]:
+            y = np.concatenate([y[..., :step], y[..., step:] + y[..., :-step]], -1)
+            step *= 2
+        return [self.to_tensor(np.moveaxis(y, -1, self.axis).copy(), dtype=input.dtype)]
+
+    monkeypatch.setattr(interpreter.ScanOps, "cumsum", tree_scan)
+    monkeypatch.setattr(tri, "SCAN_BLOCK", 64)
+    w = make_weights(kind, 1500, seed=5)
+    prob, alias, probs = tri.build(w)
+    check_exact(prob, alias, w)
+    split = prob < 1
+    assert (probs[alias.long()][split] * w.shape[0] > 1).all(), "a bucket points at a light item"
+    idx, _ = tri.sample_icdf(w.float(), 3000, torch.Generator().manual_seed(2), torch.float32)
+    check_draws(idx, w.float())

@@ -18,8 +18,12 @@ and the torch generator advances. Per draw, 64 bits choose the bucket (modulo bi
 N / 2^64) and 53 bits the coin.
 
 ``_icdf_kernel`` is the one-shot draw of ``n`` from a small fresh ``w`` (``B`` of a few
-thousand): one launch scans ``w`` in float64 and counts, per draw, the prefix sums at or
-below its target (an inverse CDF without a stored cumulative sum).
+thousand): one launch scans ``w`` in float64 and finds, per draw, the first positive
+item whose prefix sum passes its target (an inverse CDF without a stored cumulative sum).
+
+Parallel scans round each position in its own association, so a zero increment can move a
+prefix sum by an ulp: the construction makes its prefix sums exactly flat there
+(``_flat_scan``, ``_value``), and the one-shot kernel only ever picks positive items.
 """
 
 import torch
@@ -32,6 +36,23 @@ from fastis._alias_torch import PROB_DTYPE, index_dtype
 
 
 @triton.jit
+def _max(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _flat_scan(x, idx):
+    # Inclusive prefix sums of x >= 0 that move only where x > 0. tl.cumsum is a parallel
+    # scan: each position is rounded in its own association, so a zero increment can move
+    # the sum by an ulp, which would let the searches pick a light item as an alias target
+    # (see fastis._alias_torch._flat). Each position takes the sum at the last positive
+    # increment at or before it (an exact integer max-scan and an in-register gather).
+    c = tl.cumsum(x, 0)
+    last = tl.associative_scan(tl.where(x > 0.0, idx, -1), 0, _max)
+    return tl.where(last >= 0, tl.gather(c, tl.maximum(last, 0), 0), 0.0)
+
+
+@triton.jit
 def _alias_scan_kernel(
     # pointers
     W, Total, Probs, A, H, BlockA, BlockH,
@@ -41,7 +62,8 @@ def _alias_scan_kernel(
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    idx = tl.arange(0, BLOCK)
+    offs = pid * BLOCK + idx
     mask = offs < N
     # probs = w / W and q = probs * N in float64 (the fill kernel recomputes q the same way)
     w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float64)
@@ -50,13 +72,15 @@ def _alias_scan_kernel(
     q = p * N
     d = tl.where(mask, tl.maximum(1.0 - q, 0.0), 0.0)
     e = tl.maximum(q - 1.0, 0.0)
-    # block-local inclusive prefix sums; the last (= largest) value is the block total
-    a = tl.cumsum(d, 0)
-    h = tl.cumsum(e, 0)
+    # block-local inclusive prefix sums, flat at zero increments; a value of exactly 0
+    # means "no increment yet in this block". The block's total is its last value.
+    a = _flat_scan(d, idx)
+    h = _flat_scan(e, idx)
     tl.store(A + offs, a, mask=mask)
     tl.store(H + offs, h, mask=mask)
-    tl.store(BlockA + pid, tl.max(a, 0))
-    tl.store(BlockH + pid, tl.max(h, 0))
+    is_last = idx == BLOCK - 1
+    tl.store(BlockA + pid, tl.sum(tl.where(is_last, a, 0.0), 0))
+    tl.store(BlockH + pid, tl.sum(tl.where(is_last, h, 0.0), 0))
 
 
 @triton.jit
@@ -68,33 +92,42 @@ def _passes(v, x, STRICT: tl.constexpr):
 
 
 @triton.jit
+def _value(Loc, m, off, prev, mask):
+    # G[m], the global prefix value at m in a block with offset `off`: Loc[m] + off once the
+    # block has had an increment (Loc[m] != 0), else `prev`, the value where the previous
+    # increment left it (so that a prefix sum is exactly flat across block boundaries too).
+    loc = tl.load(Loc + m, mask=mask, other=0.0)
+    return tl.where(loc != 0.0, loc + off, prev)
+
+
+@triton.jit
 def _search(
-    Loc, Off, scale, x, active, N, n_blocks, block_steps,
+    Loc, Off, Prev, End, scale, x, active, N, n_blocks, block_steps,
     BLOCK: tl.constexpr, IN_STEPS: tl.constexpr, STRICT: tl.constexpr,
 ):
-    # First m in [0, N) with G[m] > x (STRICT) or G[m] >= x, N if none, where
-    # G[m] = (Loc[m] + Off[m // BLOCK]) * scale is nondecreasing. Two levels, so that most
-    # steps touch a small, cached array: first the block whose last value passes (over
-    # the N / BLOCK block ends), then the element inside it. Inactive lanes load nothing.
+    # First m in [0, N) with G[m] * scale > x (STRICT) or >= x, N if none (G: _value).
+    # Two levels, so that most steps touch small, cached arrays: first the block whose end
+    # value End[b] passes, then the element inside it. Inactive lanes load nothing. G is
+    # nondecreasing up to ulp-sized dips at tiny increments; a binary search still returns
+    # a position where G steps over x, i.e. one with a positive increment.
     lo = tl.zeros(x.shape, tl.int64)
     hi = lo + n_blocks
     for _ in range(block_steps):
         go = active & (lo < hi)
         mid = lo + (hi - lo) // 2
-        last = tl.minimum(mid * BLOCK + BLOCK, N) - 1
-        v = tl.load(Loc + last, mask=go, other=0.0) + tl.load(Off + mid, mask=go, other=0.0)
-        ok = _passes(v * scale, x, STRICT)
+        ok = _passes(tl.load(End + mid, mask=go, other=0.0) * scale, x, STRICT)
         lo = tl.where(go & (~ok), mid + 1, lo)
         hi = tl.where(go & ok, mid, hi)
     found = active & (lo < n_blocks)
     off = tl.load(Off + lo, mask=found, other=0.0)
+    prev = tl.load(Prev + lo, mask=found, other=0.0)
     # the answer is in [lo * BLOCK, end): the block's last element passes
     hi = tl.minimum(lo * BLOCK + BLOCK, N)
     lo = lo * BLOCK
     for _ in range(IN_STEPS):  # ceil(log2(BLOCK + 1))
         go = found & (lo < hi)
         mid = lo + (hi - lo) // 2
-        ok = _passes((tl.load(Loc + mid, mask=go, other=0.0) + off) * scale, x, STRICT)
+        ok = _passes(_value(Loc, mid, off, prev, go) * scale, x, STRICT)
         lo = tl.where(go & (~ok), mid + 1, lo)
         hi = tl.where(go & ok, mid, hi)
     return tl.where(found, lo, N)
@@ -103,7 +136,7 @@ def _search(
 @triton.jit
 def _alias_fill_kernel(
     # pointers
-    Probs, A, H, OffA, OffH, ScaleH, Prob, Alias,
+    Probs, A, H, OffA, OffH, PrevA, PrevH, EndA, EndH, ScaleH, Prob, Alias,
     # sizes
     N, n_blocks, block_steps,
     # meta-parameters
@@ -118,18 +151,28 @@ def _alias_fill_kernel(
     heavy = mask & (~light)
     # global prefix values at k: H_k (rescaled so that H_N = A_N), A_{k-1} for lights
     off_a = tl.load(OffA + pid)
+    prev_a = tl.load(PrevA + pid)
     scale_h = tl.load(ScaleH)
-    h_k = (tl.load(H + offs, mask=mask, other=0.0) + tl.load(OffH + pid)) * scale_h
+    h_k = _value(H, offs, tl.load(OffH + pid), tl.load(PrevH + pid), mask) * scale_h
     first = (offs % BLOCK) == 0
-    a_prev = tl.load(A + offs - 1, mask=mask & (~first), other=0.0) + off_a
+    a_prev = tl.where(first, prev_a, _value(A, offs - 1, off_a, prev_a, mask & (~first)))
     x = tl.where(light, a_prev, h_k)
     # partner: the first heavy item whose H exceeds x (next heavy for a heavy item)
-    target = _search(H, OffH, scale_h, x, mask, N, n_blocks, block_steps, BLOCK, IN_STEPS, True)
+    target = _search(
+        H, OffH, PrevH, EndH, scale_h, x, mask, N, n_blocks, block_steps,
+        BLOCK, IN_STEPS, True,
+    )
     # heavy remainder r = 1 + H_k - A_i, i the first light with A_i >= H_k
-    pos = _search(A, OffA, 1.0, h_k, heavy, N, n_blocks, block_steps, BLOCK, IN_STEPS, False)
+    pos = _search(
+        A, OffA, PrevA, EndA, 1.0, h_k, heavy, N, n_blocks, block_steps,
+        BLOCK, IN_STEPS, False,
+    )
     found = heavy & (pos < N)
-    a_at = tl.load(A + pos, mask=found, other=0.0)
-    a_at += tl.load(OffA + pos // BLOCK, mask=found, other=0.0)
+    blk = pos // BLOCK
+    a_at = _value(
+        A, pos, tl.load(OffA + blk, mask=found, other=0.0),
+        tl.load(PrevA + blk, mask=found, other=0.0), found,
+    )
     r = tl.where(found, tl.minimum(tl.maximum(1.0 + h_k - a_at, 0.0), 1.0), 1.0)
     tl.store(Prob + offs, tl.where(light, q, r), mask=mask)
     alias = tl.where(target < N, target, offs)
@@ -192,17 +235,19 @@ def _icdf_kernel(
         total = tl.max(total + tl.cumsum(w, 0), 0)
         last = tl.maximum(last, tl.max(tl.where(w > 0.0, k.to(tl.int64), -1), 0))
     target = u * total
-    # pass 2: the drawn item is #{k : C_k <= target}, the first k with C_k > target
-    count = tl.zeros((BLOCK_N,), tl.int32)
+    # pass 2: the drawn item is the first k with w_k > 0 and C_k > target. (Requiring
+    # w_k > 0 keeps weight-0 items out even where the parallel tl.cumsum rounds a zero
+    # increment up by an ulp.) Past the end (rounding): the last positive item.
+    best = tl.full((BLOCK_N,), N, tl.int32)
     running = tl.zeros((), tl.float64)
     for start in range(0, N, BLOCK_B):
         k = start + cols
         w = tl.load(W + k, mask=k < N, other=0.0).to(tl.float64)
         c = running + tl.cumsum(w, 0)
-        below = (c[None, :] <= target[:, None]) & (k < N)[None, :]
-        count += tl.sum(below.to(tl.int32), 1)
+        hit = (c[None, :] > target[:, None]) & (w > 0.0)[None, :]
+        best = tl.minimum(best, tl.min(tl.where(hit, k[None, :], N), 1))
         running = tl.max(c, 0)
-    idx = tl.minimum(count.to(tl.int64), last)
+    idx = tl.where(best < N, best.to(tl.int64), last)
     p = tl.load(W + idx, mask=mask, other=0.0).to(tl.float64) / total
     tl.store(Out + offs, idx, mask=mask)
     tl.store(ProbsOut + offs, p.to(ProbsOut.dtype.element_ty), mask=mask)
@@ -230,6 +275,22 @@ def _seed(generator: torch.Generator | None, device: torch.device) -> torch.Tens
     )
 
 
+def _block_values(total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From the blocks' local totals: the exclusive offsets ``Off`` (a global value is
+    ``local + Off[b]``), the value ``End[b]`` at each block's end and ``Prev[b] = End[b-1]``
+    (0 for the first block). A block with no increment ends where the last block with one
+    ended, computed with the kernel's own addition ``Off[L] + total[L]``, so that the prefix
+    sums are exactly flat across blocks (see ``_value``)."""
+    off = torch.zeros_like(total)
+    torch.cumsum(total[:-1], 0, out=off[1:])
+    idx = torch.arange(total.shape[0], device=total.device)
+    last = torch.where(total != 0, idx, -1).cummax(0).values
+    end = torch.where(last >= 0, (off + total).gather(0, last.clamp_min(0)), 0.0)
+    prev = torch.zeros_like(end)
+    prev[1:] = end[:-1]
+    return off, prev, end
+
+
 def build(
     weights: torch.Tensor,
     *,
@@ -251,19 +312,16 @@ def build(
     _alias_scan_kernel[(n_blocks,)](
         w, total, probs, a, h, block_a, block_h, n, BLOCK=SCAN_BLOCK, num_warps=SCAN_WARPS
     )
-    # exclusive block offsets, so that a global prefix value is local + offset
-    off_a = torch.zeros_like(block_a)
-    off_h = torch.zeros_like(block_h)
-    torch.cumsum(block_a[:-1], 0, out=off_a[1:])
-    torch.cumsum(block_h[:-1], 0, out=off_h[1:])
+    off_a, prev_a, end_a = _block_values(block_a)
+    off_h, prev_h, end_h = _block_values(block_h)
     # A_N / H_N (1 up to rounding; see fastis._alias_torch.build), on the device
-    tot_a = off_a[-1:] + block_a[-1:]
-    tot_h = off_h[-1:] + block_h[-1:]
+    tot_a, tot_h = end_a[-1:], end_h[-1:]
     scale_h = torch.where(tot_h > 0, tot_a / tot_h, 1.0)
     prob = out_prob if out_prob is not None else torch.empty(n, dtype=PROB_DTYPE, device=dev)
     alias = out_alias if out_alias is not None else torch.empty(n, dtype=index_dtype(n), device=dev)
     _alias_fill_kernel[(n_blocks,)](
-        probs, a, h, off_a, off_h, scale_h, prob, alias, n, n_blocks, n_blocks.bit_length(),
+        probs, a, h, off_a, off_h, prev_a, prev_h, end_a, end_h, scale_h, prob, alias,
+        n, n_blocks, n_blocks.bit_length(),
         BLOCK=SCAN_BLOCK, IN_STEPS=SCAN_BLOCK.bit_length(), num_warps=FILL_WARPS,
     )
     return prob, alias, probs
