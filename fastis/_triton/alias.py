@@ -70,8 +70,11 @@ def _alias_scan_kernel(
     p = w / tl.load(Total)
     tl.store(Probs + offs, p, mask=mask)
     q = p * N
-    d = tl.where(mask, tl.maximum(1.0 - q, 0.0), 0.0)
-    e = tl.maximum(q - 1.0, 0.0)
+    # classify on the rounded q, as the fill kernel does: with FMA contraction q - 1 may be
+    # computed from the exact product, which is > 0 for some q that round to exactly 1
+    light = q <= 1.0
+    d = tl.where(mask & light, tl.maximum(1.0 - q, 0.0), 0.0)
+    e = tl.where(light, 0.0, tl.maximum(q - 1.0, 0.0))
     # block-local inclusive prefix sums, flat at zero increments; a value of exactly 0
     # means "no increment yet in this block". The block's total is its last value.
     a = _flat_scan(d, idx)
