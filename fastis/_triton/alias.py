@@ -6,7 +6,8 @@ table is two prefix sums and two sorted searches per item. Two kernels:
 
 1. ``_alias_scan_kernel``: one pass over the weights: ``probs = w / W``, the block-local
    inclusive float64 scans of ``d`` and ``e``, and each block's totals. The launcher turns
-   the (N / BLOCK) block totals into exclusive offsets with one small ``torch.cumsum``.
+   the (N / BLOCK) block totals into exclusive offsets and block end values with a few
+   small torch ops (``_block_values``).
 2. ``_alias_fill_kernel``: per item, the global prefix values are ``local + offset``; a
    light item searches ``H`` for its heavy partner, a heavy item searches ``A`` for its
    remainder and ``H`` for the next heavy item. Every item is independent: the split method
