@@ -30,7 +30,8 @@ from fastis._backend import use_triton
 # ~40 ns per category, then ~16 ns per draw): measured crossovers n ~ 2.6 N at N = 2^10,
 # 0.5 N at 2^14, 0.3 N at 2^18 (bench/results/alias_cpu.md). Table from n >= N / 4 + 2048.
 CPU_TABLE_MIN_DRAWS = (4, 2048)  # (1 / slope, offset)
-# Triton: one fused launch (scan + count, no stored CDF) for small fresh distributions.
+# Triton: one fused launch (a float64 scan per block of draws, no stored CDF) for small fresh
+# distributions (the b-of-B presample draw). Not yet timed on a GPU.
 FUSED_MAX_CATEGORIES = 2**14
 FUSED_MAX_WORK = 2**26  # n * N comparisons
 
