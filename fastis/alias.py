@@ -75,8 +75,7 @@ def _check_weights(weights, *, check_values: bool) -> None:
         )
     if weights.numel() == 0:
         raise ValueError(
-            f"weights must hold at least one category (and row), got shape "
-            f"{tuple(weights.shape)}"
+            f"weights must hold at least one category (and row), got shape {tuple(weights.shape)}"
         )
     if check_values:
         _check_values(weights.detach())
@@ -129,9 +128,7 @@ def _check_generator(generator, device: torch.device) -> None:
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if generator.device.type != device.type:
-        raise ValueError(
-            f"generator is on {generator.device} but the weights (table) on {device}"
-        )
+        raise ValueError(f"generator is on {generator.device} but the weights (table) on {device}")
 
 
 def _probs_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -266,8 +263,7 @@ class AliasTable:
             )
         if prob.dtype != torch.float64 or probs.dtype != torch.float64:
             raise TypeError(
-                f"state_dict['prob'] and ['probs'] must be float64, got {prob.dtype}, "
-                f"{probs.dtype}"
+                f"state_dict['prob'] and ['probs'] must be float64, got {prob.dtype}, {probs.dtype}"
             )
         if alias.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"state_dict['alias'] must be int32 or int64, got {alias.dtype}")

@@ -516,8 +516,9 @@ def test_kernels_compile_for_sm90_without_spills():
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     usage = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(usage) == {"scan", "fill", "fill_int64", "sample", "icdf_bf16"}
