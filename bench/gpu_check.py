@@ -220,7 +220,13 @@ def cuda_graph_training_step(report, device):
     report["cross_entropy_training_step"] = out
 
 
-SECTIONS = [score_section, cross_entropy_section]
+def alias_section(report, device, shapes, bandwidth):
+    from bench.gpu_alias import alias_section as section
+
+    section(report, device, shapes, bandwidth)
+
+
+SECTIONS = [score_section, cross_entropy_section, alias_section]
 
 
 def write(report, out_dir):

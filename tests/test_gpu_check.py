@@ -14,4 +14,5 @@ def test_gpu_check_smoke_run_on_cpu(tmp_path):
     (md,) = tmp_path.glob("gpu_*.md")
     assert "fastis.score" in md.read_text()
     (js,) = tmp_path.glob("gpu_*.json")
-    assert json.loads(js.read_text())["score"]
+    saved = json.loads(js.read_text())
+    assert saved["score"] and saved["cross_entropy"] and saved["extra_alias"]
