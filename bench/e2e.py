@@ -68,7 +68,7 @@ class ResNet18(nn.Module):
 def mean_spread(values):
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
-        return "n/a"
+        return "never" if values else "n/a"
     mean = statistics.fmean(finite)
     spread = statistics.stdev(finite) if len(finite) > 1 else 0.0
     return f"{mean:.3g} ± {spread:.2g}" + ("" if len(finite) == len(values) else
@@ -97,7 +97,7 @@ def write_compare(path, args, records, lrs):
              f"Budget {args.budget:g} s of training per run, {args.schedule} schedule, seeds "
              f"{args.seeds}; data {args.data_desc}. Mean ± standard deviation over the seeds. "
              "Speed-up: uniform's time to reach its final training loss over the method's "
-             "(0 when never reached).", "",
+             "(averaged over the seeds where the method reached it).", "",
              "| method | lr | train loss | test error | steps | IS steps | ms/step | speed-up |",
              "|---|---|---|---|---|---|---|---|"]
     for m, rows in records.items():
@@ -179,7 +179,7 @@ def main(argv=None):
         print("best rates:", best)
         return best
     lrs = dict(zip(args.methods, args.lr, strict=True)) if args.lr else \
-        {m: DEFAULT_LR[m] for m in args.methods}
+        {m: DEFAULT_LR[args.schedule][m] for m in args.methods}
     records = compare(args, data, model_fn, lrs)
     write_compare(Path(args.out) / f"e2e_{args.name}.md", args, records, lrs)
     return records

@@ -32,35 +32,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fastis.alias as fa  # noqa: E402
+from bench.gpu_check import bench_ms, copy_bandwidth  # noqa: E402
 
 BUILD_N = [2**16, 2**20, 2**24, 2**26]
 DRAW_GRID = [(2**20, 2**20), (2**24, 2**20), (2**24, 2**22), (2**26, 2**22)]
 ONESHOT_B = [384, 1024, 4096]
 QUICK_BUILD_N = [2**12, 2**16]
 QUICK_DRAW_GRID = [(2**12, 2**12), (2**16, 2**14)]
-
-
-def bench_ms(fn, device):
-    """Median milliseconds of ``fn()``: CUDA events via ``do_bench`` on a GPU."""
-    if device == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    fn()
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
-def copy_bandwidth(device, nbytes):
-    """GB/s of a device-to-device copy (bytes read + bytes written)."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    ms = bench_ms(lambda: dst.copy_(src), device)
-    return 2 * nbytes / ms / 1e6
 
 
 def _weights(n, device, spread=4.0, seed=0):

@@ -13,11 +13,16 @@ import torch
 
 import fastis
 
-# Learning rates per method for the default demo (SGD, momentum 0.9, b = 128): each
-# method's best of a small sweep (bench/results/e2e_lr_sweep.md). Importance sampling
-# tolerates (and needs) a larger rate than uniform sampling.
-DEFAULT_LR = {"uniform": 0.05, "upper-bound": 0.05, "history": 0.05, "loss": 0.05,
-              "infobatch": 0.05, "selective-backprop": 0.05}
+# Learning rates per schedule and method for the demo (SGD, momentum 0.9, b = 128): each
+# method's best of a small sweep on this project's 2-core CPU machines
+# (bench/results/e2e_lr_sweep_*.md). Under the step schedule they agree; with a constant
+# rate, importance sampling is stable at (and needs) a rate five times uniform's.
+DEFAULT_LR = {
+    "step": {"uniform": 0.1, "upper-bound": 0.1, "history": 0.05, "loss": 0.2,
+             "infobatch": 0.1, "selective-backprop": 0.1},
+    "constant": {"uniform": 0.02, "upper-bound": 0.1, "history": 0.02, "loss": 0.1,
+                 "infobatch": 0.02, "selective-backprop": 0.02},
+}
 
 
 def _methods(text: str) -> list[str]:
@@ -64,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="uniform vs importance sampling at equal wall-clock on MNIST-1D",
         description="Trains the same 1-D CNN on MNIST-1D for the same wall-clock budget with "
                     "each method and compares training loss, test error and speed-up.")
-    demo.add_argument("--budget", type=_positive(float), default=40.0,
-                      help="seconds of training per method (default 40)")
+    demo.add_argument("--budget", type=_positive(float), default=30.0,
+                      help="seconds of training per method (default 30)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--methods", type=_methods,
                       default=["uniform", "upper-bound", "history", "loss"],
@@ -157,7 +162,7 @@ def demo(args, parser) -> int:
           f"{device}", flush=True)
     runs = {}
     for name in args.methods:
-        lr = args.lr.get(name, args.lr.get("*", DEFAULT_LR[name]))
+        lr = args.lr.get(name, args.lr.get("*", DEFAULT_LR[args.schedule][name]))
         cfg = RunConfig(method=name, budget=args.budget, lr=lr, batch_size=args.batch_size,
                         presample_size=presample, schedule=args.schedule, seed=args.seed,
                         device=str(device), evals=args.evals)

@@ -82,7 +82,8 @@ def cross_entropy(
                                                  ignore_index, float(label_smoothing))
     else:
         loss, score = loss_and_score(logits, target, ignore_index, float(label_smoothing))
-        loss = _reduce(loss, weight, reduction, target, logits, ignore_index)
+        count = count_rows(target, logits, ignore_index) if reduction == "mean" else None
+        loss = _reduce(loss, weight, reduction, count)
     if not return_score:
         return loss
     score = score.detach()
@@ -91,13 +92,13 @@ def cross_entropy(
     return loss, score.float()
 
 
-def _reduce(row_loss, weight, reduction, target, logits, ignore_index):
+def _reduce(row_loss, weight, reduction, count):
     if weight is not None:
         row_loss = row_loss * weight
     if reduction == "sum":
         return row_loss.sum()
     if reduction == "mean":
-        return row_loss.sum() / count_rows(target, logits, ignore_index)
+        return row_loss.sum() / count
     return row_loss
 
 
@@ -115,7 +116,7 @@ class _InplaceCrossEntropy(torch.autograd.Function):
         if reduction == "mean":
             factor = factor / count
         row_loss, score = softmax_xent_(logits, target, ignore_index, label_smoothing, factor)
-        loss = _reduce(row_loss, weight, reduction, target, logits, ignore_index)
+        loss = _reduce(row_loss, weight, reduction, count)
         # Not mark_dirty: logits are often views (a [B, T, C] matmul output), which autograd
         # cannot rebase for a multi-output Function. The op bumps their version counter, so
         # any other op that saved them for backward raises there instead of going wrong.

@@ -14,8 +14,6 @@ Both drive a step with the demo's interface: ``step(model, x, y, fraction) -> lo
 import torch
 import torch.nn.functional as F
 
-import fastis
-
 
 def infobatch_keep(losses: torch.Tensor, prune: float, generator: torch.Generator):
     """One pass's InfoBatch selection.
@@ -68,10 +66,10 @@ class InfoBatch:
         idx = self.order[self.pos:self.pos + self.b]
         self.pos += self.b
         w = self.weight[idx].to(x.device)
-        rows = fastis.cross_entropy(model(x[idx.to(x.device)]), y[idx.to(x.device)],
-                                    reduction="none", sample_weight=w)
-        self.losses[idx] = (rows / w).detach().float().cpu()
-        return rows.mean()
+        dev = idx.to(x.device)
+        rows = F.cross_entropy(model(x[dev]), y[dev], reduction="none")
+        self.losses[idx] = rows.detach().float().cpu()
+        return (rows * w).mean()
 
     def state(self):
         return {"mode": f"kept {self.kept_share[-1]:.0%}" if self.kept_share else "infobatch"}
@@ -106,7 +104,7 @@ class SelectiveBackprop:
             self.forwarded += len(cand)
             self.kept += int(keep.sum())
         idx, self.pool = self.pool[:self.b].to(x.device), self.pool[self.b:]
-        return fastis.cross_entropy(model(x[idx]), y[idx])
+        return F.cross_entropy(model(x[idx]), y[idx])
 
     def state(self):
         return {"mode": f"kept {self.kept / max(self.forwarded, 1):.0%}"}

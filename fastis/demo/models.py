@@ -16,6 +16,12 @@ class MNIST1DCNN(nn.Module):
             nn.Flatten(),
         )
         self.classifier = nn.Linear(channels * ((length + 3) // 4), num_classes)
+        # He initialisation: with torch's default (smaller) weights, SGD sits on the
+        # chance-level plateau for a random number of seconds, which drowns the comparison
+        for m in self.modules():
+            if isinstance(m, (nn.Conv1d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``[N, 40]`` -> logits ``[N, 10]``."""

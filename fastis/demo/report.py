@@ -30,8 +30,9 @@ def summarise(runs: dict) -> list[dict]:
         if target is not None:
             t = time_to_reach(r["curve"], target)
             row["time_to_uniform_loss"] = t
+            # NaN: never reached uniform's final loss within the budget
             row["speedup"] = base_time / t if t > 0 and math.isfinite(t) else \
-                (math.inf if t == 0 else 0.0)
+                (math.inf if t == 0 else math.nan)
         rows.append(row)
     return rows
 
@@ -45,7 +46,7 @@ def table(rows: list[dict]) -> str:
         reach = r.get("time_to_uniform_loss")
         reach = "-" if reach is None else ("never" if math.isinf(reach) else f"{reach:.1f} s")
         speed = r.get("speedup")
-        speed = "-" if speed is None else ("-" if speed == 0 else f"{speed:.2f}x")
+        speed = "-" if speed is None or math.isnan(speed) else f"{speed:.2f}x"
         lines.append(f"| {r['method']} | {r['train_loss']:.3e} | {r['test_error']:.2%} | "
                      f"{r['steps']} | {r['importance_share']:.0%} | {r['ms_per_step']:.2f} | "
                      f"{reach} | {speed} |")
@@ -93,6 +94,7 @@ def plot(path: Path, runs: dict, settings: dict) -> None:
         ax_loss.plot(c["time"], c["train_loss"], label=name, lw=1.8)
         ax_err.plot(c["time"], [100 * e for e in c["test_error"]], label=name, lw=1.8)
     ax_loss.set_yscale("log")
+    ax_err.set_yscale("log")  # from 90 % at the start to ~1 %: both ends matter
     ax_loss.set_xlabel("training time (s)")
     ax_loss.set_ylabel("training loss (whole training set)")
     ax_err.set_xlabel("training time (s)")
