@@ -114,8 +114,10 @@ class _EagerSoftmaxXent(torch.autograd.Function):
         return grad, None, None, None
 
 
-def loss_and_score(logits, target, ignore_index: int, label_smoothing: float):
-    """Per-row ``(loss, score)``, ``loss`` differentiable w.r.t. ``logits``.
+def loss_and_score(logits, target, ignore_index: int, label_smoothing: float,
+                   need_loss: bool = True):
+    """Per-row ``(loss, score)``, ``loss`` differentiable w.r.t. ``logits`` (``None`` when
+    not ``need_loss`` on the CPU path, where it is not a by-product).
 
     While ``torch.compile`` traces: the registered op. In eager mode: the same computation
     without the op's dispatcher; on CPU tensors, torch's own fused cross-entropy for the
@@ -130,10 +132,12 @@ def loss_and_score(logits, target, ignore_index: int, label_smoothing: float):
         return _EagerSoftmaxXent.apply(logits, target, ignore_index, label_smoothing)
     if not target.is_floating_point():
         check_target_range(target, logits.shape[-1], ignore_index)
+    C, dtype = logits.shape[-1], _out_dtype(logits)
     with torch.no_grad():
         _, score, _ = reference.softmax_xent(logits, target, ignore_index=ignore_index,
                                              label_smoothing=label_smoothing)
-    C, dtype = logits.shape[-1], _out_dtype(logits)
+    if not need_loss:
+        return None, score.to(dtype)
     flat_target = target.reshape(-1, C).to(dtype) if target.is_floating_point() else \
         target.reshape(-1).long()
     loss = F.cross_entropy(logits.reshape(-1, C).to(dtype), flat_target,

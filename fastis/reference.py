@@ -8,9 +8,9 @@ the tests build their ground truth).
 import torch
 
 # Rows per chunk are chosen so that one chunk's float temporaries stay near this many
-# elements (2 MiB in float32): the several passes of the torch path then run in cache, and
-# it never needs more than a few such buffers beyond its output.
-_CHUNK_ELEMENTS = 1 << 19
+# elements (8 MiB in float32): the several passes of the torch path then stay in the
+# last-level cache, and it never needs more than a few such buffers beyond its output.
+_CHUNK_ELEMENTS = 1 << 21
 
 
 def softmax_xent(

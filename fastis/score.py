@@ -56,7 +56,7 @@ def score(
         check_rows("features", features, logits, trailing=True)
     with torch.no_grad():
         _, g = loss_and_score(logits.detach(), target.detach(), ignore_index,
-                              float(label_smoothing))
+                              float(label_smoothing), need_loss=False)
         if features is not None:
             h = torch.linalg.vector_norm(features.detach(), dim=-1, dtype=torch.float32)
             g = g * torch.sqrt(h * h + 1.0) if bias else g * h
