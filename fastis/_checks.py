@@ -5,6 +5,8 @@ no synchronisation and ``torch.compile`` traces through them. Value checks that 
 data (class indices in range) run inside the op, on CPU tensors only.
 """
 
+import operator
+
 import torch
 
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -66,3 +68,17 @@ def check_rows(name: str, tensor, logits, *, rows=None, trailing: bool = False) 
             f"{name} must have shape {want} for logits of shape {tuple(logits.shape)}, "
             f"got {tuple(tensor.shape)}"
         )
+
+
+def int_arg(name: str, value, *, minimum: int = 1) -> int:
+    """``value`` as an ``int`` (anything with ``__index__``, not a bool), at least ``minimum``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if value < minimum:
+        bound = "non-negative" if minimum == 0 else f">= {minimum}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return value

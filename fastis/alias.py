@@ -17,12 +17,12 @@ does ``sample`` (it checks shapes and dtypes only; see its docstring for what va
 does not check on CUDA).
 """
 
-import operator
 
 import torch
 
 from fastis import _alias_torch
 from fastis._backend import use_triton
+from fastis._checks import int_arg
 
 # ``sample``'s choice of method (see its docstring; bench/test_bench_alias.py measures it).
 # CPU: the inverse CDF (a float64 cumsum, then one binary search per draw, ~60 ns at
@@ -108,18 +108,6 @@ def _check_values(w: torch.Tensor, total: torch.Tensor | None = None) -> None:
 def _first(mask: torch.Tensor) -> int:
     """Flat index of the first True."""
     return int(mask.reshape(-1).nonzero()[0, 0])
-
-
-def _check_n(n) -> int:
-    if isinstance(n, bool):
-        raise TypeError(f"n must be an int, got {n!r}")
-    try:
-        n = operator.index(n)
-    except TypeError:
-        raise TypeError(f"n must be an int, got {type(n).__name__}") from None
-    if n < 0:
-        raise ValueError(f"n must be non-negative, got {n}")
-    return n
 
 
 def _check_generator(generator, device: torch.device) -> None:
@@ -221,7 +209,7 @@ class AliasTable:
             ``return_probs``, ``(idx, p)`` with ``p`` float64 of ``idx``'s shape, the
             normalised probabilities of the drawn categories. No host synchronisation.
         """
-        n = _check_n(n)
+        n = int_arg("n", n, minimum=0)
         _check_generator(generator, self.device)
         if self.prob.dim() == 1 and use_triton(self.prob):
             idx = _triton_alias().sample_table(self.prob, self.alias, n, generator)
@@ -333,7 +321,7 @@ def sample(
         >>> weights = 1.0 / (384 * p)
     """
     _check_weights(weights, check_values=False)
-    n = _check_n(n)
+    n = int_arg("n", n, minimum=0)
     _check_generator(generator, weights.device)
     w = weights.detach()
     num = w.shape[-1]

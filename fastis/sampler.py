@@ -31,7 +31,6 @@ and ``select`` follows the decision recorded with the batch (see ``ImportanceSam
 """
 
 import math
-import operator
 import warnings
 from collections import deque
 from collections.abc import Callable
@@ -41,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from fastis._checks import int_arg
 from fastis.alias import AliasTable, sample
 from fastis.score import score as _default_score
 
@@ -86,18 +86,6 @@ def default_tau_th(batch_size: int, presample_size: int) -> float:
 # helpers
 
 
-def _int_arg(name: str, value, *, minimum: int = 1) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def _float_arg(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
@@ -111,7 +99,7 @@ def _dataset_size(data_source) -> int:
     if isinstance(data_source, bool):
         raise TypeError("data_source must be a sized data set or an int, got a bool")
     if isinstance(data_source, int):
-        return _int_arg("data_source", data_source)
+        return int_arg("data_source", data_source)
     try:
         n = len(data_source)
     except TypeError:
@@ -130,8 +118,8 @@ def _distributed_setup(num_replicas, rank, seed, need_group: bool):
         num_replicas = dist.get_world_size() if initialised else 1
     if rank is None:
         rank = dist.get_rank() if initialised else 0
-    num_replicas = _int_arg("num_replicas", num_replicas)
-    rank = _int_arg("rank", rank, minimum=0)
+    num_replicas = int_arg("num_replicas", num_replicas)
+    rank = int_arg("rank", rank, minimum=0)
     if rank >= num_replicas:
         raise ValueError(f"rank must be in [0, num_replicas - 1] = [0, {num_replicas - 1}], "
                          f"got {rank}")
@@ -154,7 +142,7 @@ def _distributed_setup(num_replicas, rank, seed, need_group: bool):
             dist.broadcast_object_list(box, src=0)
             seed = int(box[0])
     else:
-        seed = _int_arg("seed", seed, minimum=0)
+        seed = int_arg("seed", seed, minimum=0)
     return num_replicas, rank, seed, initialised and num_replicas > 1
 
 
@@ -238,7 +226,7 @@ class _StepSampler(Sampler):
 
     def _setup_stream(self, data_source, batch_size, num_replicas, rank, seed, need_group):
         self.num_samples = _dataset_size(data_source)
-        self.batch_size = _int_arg("batch_size", batch_size)
+        self.batch_size = int_arg("batch_size", batch_size)
         (self.num_replicas, self.rank, self.seed,
          self._distributed) = _distributed_setup(num_replicas, rank, seed, need_group)
         # as DistributedSampler (drop_last=False): pad to a multiple of the ranks by wrapping
@@ -469,8 +457,8 @@ class ImportanceSampler(_StepSampler):
         rank: int | None = None,
     ):
         super().__init__()
-        b = _int_arg("batch_size", batch_size)
-        big_b = 3 * b if presample_size is None else _int_arg("presample_size", presample_size)
+        b = int_arg("batch_size", batch_size)
+        big_b = 3 * b if presample_size is None else int_arg("presample_size", presample_size)
         if big_b < b:
             raise ValueError(f"presample_size must be >= batch_size={b}, got {big_b}")
         self.presample_size = big_b
@@ -482,7 +470,7 @@ class ImportanceSampler(_StepSampler):
         if score_fn is not None and not callable(score_fn):
             raise TypeError(f"score_fn must be callable, got {type(score_fn).__name__}")
         self.score_fn = score_fn if score_fn is not None else _default_score
-        self.chunk_size = None if chunk_size is None else _int_arg("chunk_size", chunk_size)
+        self.chunk_size = None if chunk_size is None else int_arg("chunk_size", chunk_size)
         self.eval_scoring = bool(eval_scoring)
         self._setup_stream(data_source, b, num_replicas, rank, seed, need_group=True)
         if self.shard_size < big_b:
@@ -821,7 +809,7 @@ class HistorySampler(_StepSampler):
         self.uniform_mix = _float_arg("uniform_mix", uniform_mix)
         if not 0.0 < self.uniform_mix <= 1.0:
             raise ValueError(f"uniform_mix must be in (0, 1], got {self.uniform_mix}")
-        self.rebuild_every = _int_arg("rebuild_every", rebuild_every)
+        self.rebuild_every = int_arg("rebuild_every", rebuild_every)
         self._setup_stream(data_source, batch_size, num_replicas, rank, seed, need_group=False)
         # the shard: positions 0..n-1 stand for data set indices shard[pos]
         self._shard = (torch.arange(self.shard_size) * self.num_replicas + self.rank) \
