@@ -1,8 +1,9 @@
 """fastis: fast importance sampling for deep-learning training in PyTorch."""
 
 from fastis.alias import AliasTable, sample
+from fastis.history import HistorySampler
 from fastis.loss import cross_entropy
-from fastis.sampler import HistorySampler, ImportanceSampler
+from fastis.sampler import ImportanceSampler
 from fastis.score import score
 
 __all__ = ["AliasTable", "HistorySampler", "ImportanceSampler", "cross_entropy", "sample", "score"]

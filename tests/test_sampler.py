@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastis
-from fastis.sampler import HistorySampler, ImportanceSampler, compute_tau, default_tau_th
+from fastis.history import HistorySampler
+from fastis.sampler import ImportanceSampler, compute_tau, default_tau_th
 
 Z_MAX = 5.0  # per-coordinate |z| bound of the Monte-Carlo tests (two-sided p ~ 6e-7 each)
 

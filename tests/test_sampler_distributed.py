@@ -5,7 +5,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fastis.sampler import HistorySampler, ImportanceSampler, compute_tau
+from fastis.history import HistorySampler
+from fastis.sampler import ImportanceSampler, compute_tau
 
 WORLD = 2
 N, B_SMALL, STEPS = 200, 8, 60

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 import fastis
 from fastis.demo import baselines
 from fastis.demo.models import MNIST1DCNN
-from fastis.sampler import HistorySampler, ImportanceSampler
+from fastis.history import HistorySampler
+from fastis.sampler import ImportanceSampler
 
 METHODS = ("uniform", "upper-bound", "history", "loss")
 # the peers' rules (fastis.demo.baselines), for the end-to-end benchmark
