@@ -115,9 +115,10 @@ class _EagerSoftmaxXent(torch.autograd.Function):
 
 
 def loss_and_score(logits, target, ignore_index: int, label_smoothing: float,
-                   need_loss: bool = True):
-    """Per-row ``(loss, score)``, ``loss`` differentiable w.r.t. ``logits`` (``None`` when
-    not ``need_loss`` on the CPU path, where it is not a by-product).
+                   need_loss: bool = True, need_score: bool = True):
+    """Per-row ``(loss, score)``, ``loss`` differentiable w.r.t. ``logits``. On the CPU path,
+    where neither is a by-product of the other, ``loss`` is ``None`` unless ``need_loss``
+    and ``score`` is ``None`` unless ``need_score``.
 
     While ``torch.compile`` traces: the registered op. In eager mode: the same computation
     without the op's dispatcher; on CPU tensors, torch's own fused cross-entropy for the
@@ -133,17 +134,20 @@ def loss_and_score(logits, target, ignore_index: int, label_smoothing: float,
     if not target.is_floating_point():
         check_target_range(target, logits.shape[-1], ignore_index)
     C, dtype = logits.shape[-1], _out_dtype(logits)
-    with torch.no_grad():
-        _, score, _ = reference.softmax_xent(logits, target, ignore_index=ignore_index,
-                                             label_smoothing=label_smoothing)
+    score = None
+    if need_score:
+        with torch.no_grad():
+            _, score, _ = reference.softmax_xent(logits, target, ignore_index=ignore_index,
+                                                 label_smoothing=label_smoothing)
+        score = score.to(dtype)
     if not need_loss:
-        return None, score.to(dtype)
+        return None, score
     flat_target = target.reshape(-1, C).to(dtype) if target.is_floating_point() else \
         target.reshape(-1).long()
     loss = F.cross_entropy(logits.reshape(-1, C).to(dtype), flat_target,
                            reduction="none", ignore_index=ignore_index,
                            label_smoothing=label_smoothing)
-    return loss.view(logits.shape[:-1]), score.to(dtype)
+    return loss.view(logits.shape[:-1]), score
 
 
 @torch.library.custom_op("fastis::softmax_xent_", mutates_args=("logits",))

@@ -81,7 +81,8 @@ def cross_entropy(
         loss, score = _InplaceCrossEntropy.apply(logits, target, weight, reduction,
                                                  ignore_index, float(label_smoothing))
     else:
-        loss, score = loss_and_score(logits, target, ignore_index, float(label_smoothing))
+        loss, score = loss_and_score(logits, target, ignore_index, float(label_smoothing),
+                                     need_score=return_score)
         count = count_rows(target, logits, ignore_index) if reduction == "mean" else None
         loss = _reduce(loss, weight, reduction, count)
     if not return_score:

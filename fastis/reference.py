@@ -51,6 +51,11 @@ def softmax_xent(
     grad = torch.empty(z.shape, dtype=z.dtype, device=z.device) if compute_grad else None
     step = max(1, _CHUNK_ELEMENTS // max(C, 1))
     scale = grad_scale.reshape(-1) if grad_scale is not None else None
+    if 0 < z.shape[0] <= step:  # one chunk: no output buffers to fill (small batches)
+        loss, score, grad = _rows(z.to(compute), t, ignore_index, label_smoothing,
+                                  compute_grad, None if scale is None else scale.to(compute))
+        return (loss.view(rows), score.view(rows),
+                grad.to(z.dtype).view(logits.shape) if compute_grad else None)
     for i in range(0, z.shape[0], step):
         out = _rows(z[i : i + step].to(compute), t[i : i + step], ignore_index, label_smoothing,
                     compute_grad, None if scale is None else scale[i : i + step].to(compute))
@@ -88,29 +93,29 @@ def _rows(z, target, ignore_index, eps, compute_grad, scale):
     m = torch.where(m == float("-inf"), z_y, m)  # C == 1, or every other class at -inf
     e = e.sub_(m[:, None]).exp_()  # exp(z_j - m), 0 at the target
     s = e.sum(-1)
-    log_S = torch.logaddexp(s.log(), z_y - m)  # log sum_j exp(z_j - m)
-    lse = m + log_S
-    one_minus_p_y = torch.exp(s.log() - log_S)
+    log_s = s.log()
+    log_S = torch.logaddexp(log_s, z_y - m)  # log sum_j exp(z_j - m)
     if eps:
-        grad_y = eps * (1 - 1 / C) - one_minus_p_y
+        grad_y = eps * (1 - 1 / C) - torch.exp(log_s - log_S)  # eps (1 - 1/C) - (1 - p_y)
         # e becomes p_j - eps / C for j != y, then the gradient with its exact y entry
         grad = e.mul_(torch.exp(-log_S)[:, None]).sub_(eps / C).scatter_(1, y, grad_y[:, None])
         score = torch.linalg.vector_norm(grad, dim=-1)
-        loss = lse - (1 - eps) * z_y - eps / C * z.sum(-1)
+        loss = m + log_S - (1 - eps) * z_y - eps / C * z.sum(-1)
     else:
-        q = torch.linalg.vector_norm(e, dim=-1).square()
-        score = torch.exp(0.5 * torch.log(s * s + q) - log_S)  # sqrt(s^2 + q) / S, no overflow
+        # ||p - onehot(y)|| = sqrt((1 - p_y)^2 + sum_{j != y} p_j^2) = hypot(s, ||e||) / S,
+        # with s, ||e|| <= C (no overflow) and 1 / S = exp(-log_S) (S itself may overflow)
+        score = torch.hypot(s, torch.linalg.vector_norm(e, dim=-1)).mul_(torch.exp(-log_S))
         loss = log_S - (z_y - m)
         if compute_grad:
+            one_minus_p_y = torch.exp(log_s - log_S)
             grad = e.mul_(torch.exp(-log_S)[:, None]).scatter_(1, y, -one_minus_p_y[:, None])
     # A target logit of NaN or +inf has no softmax (torch gives NaN too).
-    bad = ~in_range | torch.isnan(z_y) | (z_y == float("inf"))
-    nan = torch.full_like(loss, float("nan"))
-    loss = torch.where(ignored, 0.0, torch.where(bad, nan, loss))
-    score = torch.where(ignored, 0.0, torch.where(bad, nan, score))
+    bad = ~(in_range & (z_y < float("inf")))
+    loss = loss.masked_fill_(bad, float("nan")).masked_fill_(ignored, 0.0)
+    score = score.masked_fill_(bad, float("nan")).masked_fill_(ignored, 0.0)
     if not compute_grad:
         return loss, score, None
     if scale is not None:
-        grad = grad * torch.where(ignored, 0.0, scale)[:, None]
-    grad = torch.where(ignored[:, None], 0.0, torch.where(bad[:, None], float("nan"), grad))
+        grad = grad.mul_(torch.where(ignored, 0.0, scale)[:, None])
+    grad = grad.masked_fill_(bad[:, None], float("nan")).masked_fill_(ignored[:, None], 0.0)
     return loss, score, grad

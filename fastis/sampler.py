@@ -219,6 +219,7 @@ class _Batch:
     active: bool  # importance sampling (a presample) or uniform
     local: list | None = None  # HistorySampler: positions in the shard
     weights: torch.Tensor | None = None  # HistorySampler: importance weights (CPU)
+    positions: torch.Tensor | None = None  # ``indices`` as a CPU tensor, when at hand
 
 
 class _StepSampler(Sampler):
@@ -376,9 +377,12 @@ class ImportanceSampler(_StepSampler):
     (a batch never straddles two passes: the rest of a pass too short for it is skipped),
     and the weighted batch is unbiased for the presample's mean.
 
-    Synchronisation: the on/off decision reads ``tau`` on the host once per yielded batch
-    (one ``.item()``, which on CUDA waits for the previous step's update; nothing else in
-    ``select``/``update`` synchronises: counters stay on the device until ``stats()``).
+    Synchronisation: the on/off decision reads ``tau`` on the host once per yielded batch.
+    On CUDA each ``tau`` update copies it to pinned memory and records an event, and the
+    decision waits for that event alone: for the work queued up to the last update (the
+    scoring pass, or the training forward when off), not for the backward pass and
+    optimizer step queued after it, which keep the GPU busy meanwhile. Nothing else in
+    ``select``/``update`` synchronises: counters stay on the device until ``stats()``.
 
     ``DataLoader`` with ``num_workers > 0``: the loader draws indices ahead of training
     (``num_workers * prefetch_factor`` batches), so a batch's mode is decided from ``tau``
@@ -491,6 +495,8 @@ class ImportanceSampler(_StepSampler):
         self._w_max = torch.zeros((), dtype=torch.float64)
         self._gen: torch.Generator | None = None
         self._gen_state: tuple[str, torch.Tensor] | None = None  # loaded, not yet applied
+        self._tau_host: torch.Tensor | None = None  # pinned copy of a CUDA tau
+        self._tau_ready: torch.cuda.Event | None = None  # recorded after that copy
         self.steps_importance = 0
         self.steps_uniform = 0
         self.last_indices: torch.Tensor | None = None
@@ -507,14 +513,14 @@ class ImportanceSampler(_StepSampler):
             self._shard_cache = (k, perm[self.rank::self.num_replicas])
         return self._shard_cache[1]
 
-    def _take_stream(self, n: int) -> list:
+    def _take_stream(self, n: int) -> torch.Tensor:
         # a batch never straddles two passes: the rest of a pass shorter than the batch is
         # skipped (as drop_last), so a presample holds distinct examples and the ranks'
         # batches are disjoint at every step
         if self._cursor + n > self.shard_size:
             self._pass, self._cursor = self._pass + 1, 0
         start, self._cursor = self._cursor, self._cursor + n
-        return self._shard(self._pass)[start:self._cursor].tolist()
+        return self._shard(self._pass)[start:self._cursor].clone()
 
     def __len__(self) -> int:
         """Steps per epoch: ``shard_size // batch_size`` (one pass at ``b`` per step; the
@@ -522,9 +528,29 @@ class ImportanceSampler(_StepSampler):
         return self.shard_size // self.batch_size
 
     def _next_batch(self) -> _Batch:
-        active = float(self._tau) > self.tau_th  # the one host read of tau per step
-        n = self.presample_size if active else self.batch_size
-        return _Batch(self._take_stream(n), active)
+        active = self._host_tau() > self.tau_th  # the one host read of tau per step
+        positions = self._take_stream(self.presample_size if active else self.batch_size)
+        return _Batch(positions.tolist(), active, positions=positions)
+
+    def _host_tau(self) -> float:
+        """``tau`` on the host. On CUDA, each update also copies ``tau`` to pinned memory
+        and records an event (``_publish_tau``); this waits for that event only, i.e. for
+        the work queued up to the last update (the scoring pass, or the training forward
+        when off), not for the backward and optimizer step queued after it."""
+        if self._tau_ready is None:
+            return float(self._tau)
+        self._tau_ready.synchronize()
+        return float(self._tau_host)
+
+    def _publish_tau(self) -> None:
+        if not self._tau.is_cuda:
+            self._tau_ready = None
+            return
+        if self._tau_host is None:
+            self._tau_host = torch.empty((), dtype=torch.float64, pin_memory=True)
+        self._tau_host.copy_(self._tau, non_blocking=True)
+        self._tau_ready = torch.cuda.Event()
+        self._tau_ready.record(torch.cuda.current_stream(self._tau.device))
 
     # -- per step -------------------------------------------------------------------------
 
@@ -546,7 +572,9 @@ class ImportanceSampler(_StepSampler):
         """
         batch = self._pop(inputs, targets)
         dev = _device_of(targets if targets is not None else inputs)
-        positions = torch.as_tensor(batch.indices).to(dev, non_blocking=True)
+        positions = batch.positions if batch.positions is not None \
+            else torch.as_tensor(batch.indices)
+        positions = positions.to(dev, non_blocking=True)
         if not batch.active:
             self.steps_uniform += 1
             self.last_indices = positions
@@ -563,9 +591,10 @@ class ImportanceSampler(_StepSampler):
                         return_probs=True)
         w = torch.where(usable, 1.0 / (n * p), 1.0).float()
         w64 = w.double()
+        # a fill, not new_tensor: a blocking host-to-device copy would drain the stream
+        count = torch.full((), float(w.shape[0]), dtype=torch.float64, device=w.device)
         self._counts = self._counts.to(w.device) + torch.stack(
-            [w64.sum(), w64.new_tensor(float(w.shape[0])), (~finite).double(),
-             (finite & ~usable).double()])
+            [w64.sum(), count, (~finite).double(), (finite & ~usable).double()])
         self._w_max = torch.maximum(self._w_max.to(w.device), w.max().double())
         self.last_indices = positions.index_select(0, pos.to(positions.device))
         return _take(inputs, pos), _take(targets, pos), w
@@ -625,6 +654,7 @@ class ImportanceSampler(_StepSampler):
         self._tau = torch.where(count > 0, self.a_tau * tau + (1.0 - self.a_tau) * mean_new,
                                 tau)
         self._tau_new = torch.where(count > 0, mean_new, float("nan"))
+        self._publish_tau()
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if self._gen is None or self._gen.device.type != device.type:
@@ -736,6 +766,7 @@ class ImportanceSampler(_StepSampler):
         self._tau_new = state_dict["tau_new"].to(dev, torch.float64).clone()
         self._counts = state_dict["counts"].to(dev, torch.float64).clone()
         self._w_max = state_dict["w_max"].to(dev, torch.float64).clone()
+        self._publish_tau()
         self._pass = int(state_dict["pass"])
         self._cursor = cursor
         self.steps_importance = int(state_dict["steps_importance"])

@@ -279,6 +279,16 @@ def noisy_blobs(n=1200, d=16, c=8, noise=0.06, seed=0):
     return x, y
 
 
+def train_step(sampler, model, opt, x, y):
+    """One step of the documented protocol: select, weighted loss, update, SGD step."""
+    xs, ys, w = sampler.select(model, x, y)
+    loss, g = fastis.cross_entropy(model(xs), ys, sample_weight=w, return_score=True)
+    sampler.update(g)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
 def test_training_switches_on_and_loss_falls(device):
     torch.manual_seed(0)
     x, y = noisy_blobs()
@@ -295,12 +305,7 @@ def test_training_switches_on_and_loss_falls(device):
     before, first_on, taus = full_loss(), None, []
     for _epoch in range(3):
         for idx in s:
-            xs, ys, w = s.select(model, x[idx], y[idx])
-            loss, g = fastis.cross_entropy(model(xs), ys, sample_weight=w, return_score=True)
-            s.update(g)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            train_step(s, model, opt, x[idx], y[idx])
             taus.append(s.tau)
             if first_on is None and s.is_active:
                 first_on = s.steps
@@ -749,3 +754,34 @@ def test_repr_and_len():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert s.stats()["steps"] == 0 and math.isnan(s.stats()["mean_weight"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (no-sync check)")
+@pytest.mark.parametrize("tau_th", [-1.0, float("inf")])  # always on / always off
+def test_cuda_steps_do_not_synchronise(tau_th):
+    # the hot path (draw the indices, select, cross-entropy, update, backward, step) makes no
+    # implicit synchronisation; the on/off decision waits on an event (not flagged, and
+    # only for the work queued up to the last tau update)
+    torch.manual_seed(0)
+    x, y = torch.randn(4096, 16, device="cuda"), torch.randint(0, 5, (4096,), device="cuda")
+    model = torch.nn.Linear(16, 5).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sampler = ImportanceSampler(4096, 32, presample_size=96, tau_th=tau_th, seed=0)
+    batches = iter(sampler)
+
+    def step():
+        idx = torch.as_tensor(next(batches)).to("cuda", non_blocking=True)
+        train_step(sampler, model, opt, x[idx], y[idx])
+
+    for _ in range(3):  # first steps move the sampler's state to the GPU
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    stats = sampler.stats()
+    assert stats["steps"] == 8
+    assert stats["steps_importance"] == (8 if tau_th < 0 else 0)
