@@ -3,6 +3,11 @@
     python bench/gpu_check.py                 # on the GPU machine, from the repo root
     python bench/gpu_check.py --device cpu --quick --skip-tests   # smoke run of this script
 
+The training-loop section (``bench/gpu_sampler.py``) also runs the demo end to end when
+MNIST-1D is cached: before the device call, ``mkdir -p .cache && cp
+~/.cache/fastis/mnist1d_40000_42.npz .cache/`` (``.cache/`` is git-ignored), then run
+``FASTIS_CACHE_DIR=.cache python bench/gpu_check.py`` with ``carry=[".cache"]``.
+
 Writes ``<out>/gpu_<card>.md`` (and ``.json``): the test summary, the measured copy
 bandwidth, and per kernel and shape the median time, GB/s, fraction of copy bandwidth and
 the speed-up over the baselines; plus the launch count and CUDA-graph capture of a small
@@ -226,7 +231,13 @@ def alias_section(report, device, shapes, bandwidth):
     section(report, device, shapes, bandwidth)
 
 
-SECTIONS = [score_section, cross_entropy_section, alias_section]
+def sampler_section(report, device, shapes, bandwidth):
+    from bench.gpu_sampler import sampler_section as section
+
+    section(report, device, shapes, bandwidth)
+
+
+SECTIONS = [score_section, cross_entropy_section, alias_section, sampler_section]
 
 
 def write(report, out_dir):
@@ -275,8 +286,12 @@ def write(report, out_dir):
         s = report["score_small_step"]
         lines += ["", f"Small step (1024 x 10): {s['ms']:.4f} ms; kernels launched: "
                   f"{s.get('kernels', 'n/a')}; CUDA graph: {s.get('cuda_graph', 'n/a')}"]
+    if "extra_sampler" in report:
+        from bench.gpu_sampler import to_markdown
+
+        lines += ["", to_markdown(report["extra_sampler"], "Training loop (ImportanceSampler)")]
     for key in report:
-        if key.startswith("extra_"):
+        if key.startswith("extra_") and key != "extra_sampler":
             lines += ["", f"## {key[6:]}", "", "```", json.dumps(report[key], indent=1), "```"]
     path = out_dir / f"gpu_{card}.md"
     path.write_text("\n".join(lines) + "\n")

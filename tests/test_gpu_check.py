@@ -16,3 +16,5 @@ def test_gpu_check_smoke_run_on_cpu(tmp_path):
     (js,) = tmp_path.glob("gpu_*.json")
     saved = json.loads(js.read_text())
     assert saved["score"] and saved["cross_entropy"] and saved["extra_alias"]
+    costs = saved["extra_sampler"]["step_costs"]
+    assert len(costs) == 2 and all(r["on_ms"] > 0 and "error" not in r for r in costs)
