@@ -169,32 +169,33 @@ def sampler_section(report, device, shapes, bandwidth):
     run_checks(report, device, quick=len(shapes) <= 2)
 
 
+STEP_COLUMNS = [("model", "model", "s"), ("uniform", "uniform_ms", ".3f"),
+                ("forward of B", "forward_B_ms", ".3f"), ("off", "off_ms", ".3f"),
+                ("on", "on_ms", ".3f"), ("off / uniform", "off_over_uniform", ".2f"),
+                ("on / uniform", "on_over_uniform", ".2f"),
+                ("ideal on / uniform", "ideal_on_over_uniform", ".2f")]
+E2E_COLUMNS = [("schedule", "schedule", "s"), ("method", "method", "s"), ("lr", "lr", "g"),
+               ("final train loss", "final_train_loss", ".3g"),
+               ("test error", "final_test_error", ".2%"), ("steps", "steps", "d"),
+               ("importance steps", "steps_importance", "d"),
+               ("ms / step", "ms_per_step", ".2f")]
+
+
+def _table(rows, columns) -> list[str]:
+    """Markdown rows; a row with an ``error`` shows it after its first column."""
+    out = ["| " + " | ".join(c[0] for c in columns) + " |", "|---" * len(columns) + "|"]
+    for r in rows:
+        cells = [format(r[key], fmt) for _, key, fmt in columns] if "error" not in r \
+            else [str(r[columns[0][1]]), r["error"]]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
 def to_markdown(res: dict, title: str) -> str:
-    lines = [f"# {title}", "", "## Step costs (ms per step; b = 128, B = 384)", "",
-             "| model | uniform | forward of B | off | on | off / uniform | on / uniform "
-             "| ideal on / uniform |", "|---|---|---|---|---|---|---|---|"]
-    for r in res["step_costs"]:
-        if "error" in r:
-            lines.append(f"| {r['model']} | {r['error']} |")
-            continue
-        lines.append(
-            f"| {r['model']} | {r['uniform_ms']:.3f} | {r['forward_B_ms']:.3f} | "
-            f"{r['off_ms']:.3f} | {r['on_ms']:.3f} | {r['off_over_uniform']:.2f} | "
-            f"{r['on_over_uniform']:.2f} | {r['ideal_on_over_uniform']:.2f} |")
+    lines = [f"# {title}", "", "## Step costs (ms per step; b = 128, B = 384)", ""]
+    lines += _table(res["step_costs"], STEP_COLUMNS)
     lines += ["", "## Demo end to end (MNIST-1D, one seed)", ""]
-    if isinstance(res["e2e"], str):
-        lines.append(res["e2e"])
-    else:
-        lines += ["| schedule | method | lr | final train loss | test error | steps "
-                  "| importance steps | ms / step |", "|---|---|---|---|---|---|---|---|"]
-        for r in res["e2e"]:
-            if "error" in r:
-                lines.append(f"| {r['schedule']} | {r['method']} | {r['error']} |")
-                continue
-            lines.append(
-                f"| {r['schedule']} | {r['method']} | {r['lr']} | {r['final_train_loss']:.3g} "
-                f"| {r['final_test_error']:.2%} | {r['steps']} | {r['steps_importance']} | "
-                f"{r['ms_per_step']:.2f} |")
+    lines += [res["e2e"]] if isinstance(res["e2e"], str) else _table(res["e2e"], E2E_COLUMNS)
     return "\n".join(lines) + "\n"
 
 
