@@ -4,9 +4,12 @@
     python bench/gpu_check.py --device cpu --quick --skip-tests   # smoke run of this script
 
 The training-loop section (``bench/gpu_sampler.py``) also runs the demo end to end when
-MNIST-1D is cached: before the device call, ``mkdir -p .cache && cp
-~/.cache/fastis/mnist1d_40000_42.npz .cache/`` (``.cache/`` is git-ignored), then run
-``FASTIS_CACHE_DIR=.cache python bench/gpu_check.py`` with ``carry=[".cache"]``.
+MNIST-1D is cached; the GPU machine has no ``mnist1d`` package and no network, so make the
+cache here and carry it (``.cache/`` is git-ignored)::
+
+    FASTIS_CACHE_DIR=.cache python -c "from fastis.demo.data import mnist1d; mnist1d()"
+    # then, on the device (carry=[".cache"]), writing the results where they come back:
+    FASTIS_CACHE_DIR=.cache PYTHONUNBUFFERED=1 python bench/gpu_check.py --out $OUT
 
 Writes ``<out>/gpu_<card>.md`` (and ``.json``): the test summary, the measured copy
 bandwidth, and per kernel and shape the median time, GB/s, fraction of copy bandwidth and

@@ -17,9 +17,8 @@ of about ``1 + B / 3b`` (2 at ``B = 3b``).
 
 End to end (``e2e``): ``fastis.demo.train.run`` for uniform and upper-bound on MNIST-1D,
 both schedules, ``--e2e-budget`` seconds each. The data set must already be cached (the
-GPU machine has no ``mnist1d`` package and no network): copy
-``~/.cache/fastis/mnist1d_40000_42.npz`` into ``.cache/`` in the repository, carry it, and
-set ``FASTIS_CACHE_DIR=.cache``. Without it the section says so and is skipped.
+GPU machine has no ``mnist1d`` package and no network): see ``bench/gpu_check.py``'s
+docstring for the two commands. Without it the section says so and is skipped.
 """
 
 import argparse
