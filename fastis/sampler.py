@@ -667,6 +667,13 @@ class ImportanceSampler(_StepSampler):
                 self._gen_state = None
         return self._gen
 
+    def __getstate__(self) -> dict:
+        # a CUDA event cannot be pickled or copied; without it the next read of tau waits
+        # on tau itself (one synchronisation), and the next update publishes it again
+        state = self.__dict__.copy()
+        state["_tau_ready"] = state["_tau_host"] = None
+        return state
+
     # -- what a user logs -------------------------------------------------------------
 
     @property

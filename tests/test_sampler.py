@@ -2,7 +2,9 @@
 training, DataLoader use and bad input (the 2-process tests are in
 test_sampler_distributed.py)."""
 
+import copy
 import math
+import pickle
 import warnings
 
 import pytest
@@ -485,6 +487,31 @@ def test_dataloader_with_workers_resumes_exactly(tmp_path):
     assert {n for _, n in ref} == {8, 24}  # both modes
 
 
+@pytest.mark.parametrize("kind", ["importance", "history"])
+def test_copy_mid_run_continues_identically(kind):
+    # deepcopy / pickle (what frameworks do to samplers) keep the stream, the pending
+    # batches, tau and the draw generator: the copy and the original go on alike
+    torch.manual_seed(0)
+    x, y = noisy_blobs()
+    model = torch.nn.Linear(16, 8)
+    make = (lambda: ImportanceSampler(len(x), 32, seed=0, tau_th=-1.0)) if kind == "importance" \
+        else (lambda: HistorySampler(len(x), 32, seed=0, rebuild_every=3))
+    original = make()
+    batches = iter(original)
+    for _ in range(5):
+        idx = next(batches)
+        xs, ys, w = original.select(model, x[idx], y[idx])
+        original.update(fastis.score(model(xs), ys))
+    pending = next(batches)  # yielded, not yet selected: travels with the copy
+    copy_ = pickle.loads(pickle.dumps(copy.deepcopy(original)))
+    for sampler in (original, copy_):
+        xs, ys, w = sampler.select(model, x[pending], y[pending])
+        sampler.update(fastis.score(model(xs), ys))
+    assert torch.equal(original.last_indices, copy_.last_indices)
+    assert [next(iter(original)) for _ in range(3)] == [next(iter(copy_)) for _ in range(3)]
+    assert repr(original.stats()) == repr(copy_.stats())  # repr: NaN == NaN
+
+
 def test_iterator_abandoned_then_restarted():
     s = identity_sampler(40, 4, seed=0)
     it = forever(s)
@@ -785,3 +812,9 @@ def test_cuda_steps_do_not_synchronise(tau_th):
     stats = sampler.stats()
     assert stats["steps"] == 8
     assert stats["steps_importance"] == (8 if tau_th < 0 else 0)
+    clone = copy.deepcopy(sampler)  # the CUDA event is dropped, not copied
+    step()
+    batches = iter(clone)
+    sampler = clone
+    step()
+    assert clone.stats()["steps"] == 9
