@@ -15,6 +15,9 @@ Writes ``<out>/gpu_<card>.md`` (and ``.json``): the test summary, the measured c
 bandwidth, and per kernel and shape the median time, GB/s, fraction of copy bandwidth and
 the speed-up over the baselines; plus the launch count and CUDA-graph capture of a small
 step (no host synchronisation). Later kernel issues add their section to ``SECTIONS``.
+The report is rewritten after each part, and parts that would start after ``--deadline``
+seconds (default 480) are skipped and listed, so a run cut off at the device's per-call
+limit still returns what it measured.
 """
 
 import argparse
@@ -297,6 +300,10 @@ def write(report, out_dir):
         s = report["score_small_step"]
         lines += ["", f"Small step (1024 x 10): {s['ms']:.4f} ms; kernels launched: "
                   f"{s.get('kernels', 'n/a')}; CUDA graph: {s.get('cuda_graph', 'n/a')}"]
+    if report.get("errors") or report.get("skipped"):
+        lines += ["", "## Not measured", ""]
+        lines += [f"- {name}: error {err}" for name, err in report.get("errors", {}).items()]
+        lines += [f"- skipped past the deadline: {name}" for name in report.get("skipped", [])]
     if "extra_sampler" in report:
         from bench.gpu_sampler import to_markdown
 
@@ -315,6 +322,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="a few small shapes only")
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--deadline", type=float, default=480.0,
+                        help="seconds after which the remaining sections are skipped (the "
+                             "device's per-call limit is 600 s)")
     args = parser.parse_args(argv)
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -331,16 +341,28 @@ def main(argv=None):
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "torch": torch.__version__, "triton": triton_version,
     }
-    if not args.skip_tests:
-        run_tests(report)
+    start = time.perf_counter()
     report["copy_GBps"] = copy_bandwidth(device, 1 << (24 if args.quick else 30))
     shapes = QUICK if args.quick else FULL
-    for section in SECTIONS:
-        start = time.perf_counter()
-        section(report, device, shapes, report["copy_GBps"])
-        print(f"{section.__name__}: {time.perf_counter() - start:.1f} s", flush=True)
-    small_step_section(report, device)
-    cuda_graph_training_step(report, device)
+    if not args.skip_tests:
+        run_tests(report, timeout=min(300, args.deadline / 2))
+    # the cheap no-sync and graph checks first; the report is rewritten after every part so
+    # that a run stopped at the device's limit still leaves what it measured
+    parts = [("small_step", lambda: small_step_section(report, device)),
+             ("cuda_graph_training_step", lambda: cuda_graph_training_step(report, device))]
+    parts += [(f.__name__, lambda f=f: f(report, device, shapes, report["copy_GBps"]))
+              for f in SECTIONS]
+    for name, part in parts:
+        elapsed = time.perf_counter() - start
+        if elapsed > args.deadline:
+            report.setdefault("skipped", []).append(f"{name} (at {elapsed:.0f} s)")
+            continue
+        try:
+            part()
+        except Exception as exc:  # one broken part must not cost the others
+            report.setdefault("errors", {})[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        print(f"{name}: {time.perf_counter() - start - elapsed:.1f} s", flush=True)
+        write(report, args.out)
     path = write(report, args.out)
     print(path.read_text())
     return report
