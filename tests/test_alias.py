@@ -474,15 +474,15 @@ from fastis._triton import alias as A
 
 P64, I32 = "*fp64", "i32"
 jobs = {
-    "scan": (A._alias_scan_kernel, dict(W="*fp32", Total=P64, Probs=P64, A=P64, H=P64,
+    "scan": (A._alias_scan_kernel, dict(W="*fp32", Total=P64, A=P64, H=P64,
              BlockA=P64, BlockH=P64, N=I32), dict(BLOCK=A.SCAN_BLOCK), A.SCAN_WARPS),
-    "fill": (A._alias_fill_kernel, dict(Probs=P64, A=P64, H=P64, OffA=P64, OffH=P64,
-             PrevA=P64, PrevH=P64, EndA=P64, EndH=P64, ScaleH=P64, Prob=P64, Alias="*i32",
-             N=I32, n_blocks=I32, block_steps=I32),
+    "fill": (A._alias_fill_kernel, dict(W="*fp32", Total=P64, A=P64, H=P64, OffA=P64,
+             OffH=P64, PrevA=P64, PrevH=P64, EndA=P64, EndH=P64, ScaleH=P64, Prob=P64,
+             Alias="*i32", Probs=P64, N=I32, n_blocks=I32, block_steps=I32),
              dict(BLOCK=A.SCAN_BLOCK, IN_STEPS=A.SCAN_BLOCK.bit_length()), A.FILL_WARPS),
-    "fill_int64": (A._alias_fill_kernel, dict(Probs=P64, A=P64, H=P64, OffA=P64, OffH=P64,
-             PrevA=P64, PrevH=P64, EndA=P64, EndH=P64, ScaleH=P64, Prob=P64, Alias="*i64",
-             N="i64", n_blocks=I32, block_steps=I32),
+    "fill_int64": (A._alias_fill_kernel, dict(W="*bf16", Total=P64, A=P64, H=P64, OffA=P64,
+             OffH=P64, PrevA=P64, PrevH=P64, EndA=P64, EndH=P64, ScaleH=P64, Prob=P64,
+             Alias="*i64", Probs=P64, N="i64", n_blocks=I32, block_steps=I32),
              dict(BLOCK=A.SCAN_BLOCK, IN_STEPS=A.SCAN_BLOCK.bit_length()), A.FILL_WARPS),
     "sample": (A._alias_sample_kernel, dict(Prob=P64, Alias="*i32", Seed="*i64", Out="*i64",
                n=I32, N=I32), dict(BLOCK=A.SAMPLE_BLOCK), A.SAMPLE_WARPS),

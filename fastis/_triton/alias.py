@@ -4,11 +4,13 @@ Construction is the closed form of ``fastis._alias_torch`` (read its docstring f
 ``q = N w / W``, deficits ``d = max(1 - q, 0)`` and excesses ``e = max(q - 1, 0)``, the
 table is two prefix sums and two sorted searches per item. Two kernels:
 
-1. ``_alias_scan_kernel``: one pass over the weights: ``probs = w / W``, the block-local
-   inclusive float64 scans of ``d`` and ``e``, and each block's totals. The launcher turns
+1. ``_alias_scan_kernel``: one pass over the weights: the block-local inclusive float64
+   scans of ``d`` and ``e``, and each block's totals. The launcher turns
    the (N / BLOCK) block totals into exclusive offsets and block end values with a few
    small torch ops (``_block_values``).
-2. ``_alias_fill_kernel``: per item, the global prefix values are ``local + offset``; a
+2. ``_alias_fill_kernel``: per item, ``probs = w / W`` (written here rather than in pass 1:
+   reading float32 weights again moves 4 bytes where reading back float64 ``probs`` would
+   move 8); the global prefix values are ``local + offset``; a
    light item searches ``H`` for its heavy partner, a heavy item searches ``A`` for its
    remainder and ``H`` for the next heavy item. Every item is independent: the split method
    of Hubschle-Schneider & Sanders with one piece per item (no sequential sweep at all).
@@ -56,7 +58,7 @@ def _flat_scan(x, idx):
 @triton.jit
 def _alias_scan_kernel(
     # pointers
-    W, Total, Probs, A, H, BlockA, BlockH,
+    W, Total, A, H, BlockA, BlockH,
     # sizes
     N,
     # meta-parameters
@@ -66,11 +68,9 @@ def _alias_scan_kernel(
     idx = tl.arange(0, BLOCK)
     offs = pid * BLOCK + idx
     mask = offs < N
-    # probs = w / W and q = probs * N in float64 (the fill kernel recomputes q the same way)
+    # q = (w / W) * N in float64, bit for bit as the fill kernel computes it
     w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float64)
-    p = w / tl.load(Total)
-    tl.store(Probs + offs, p, mask=mask)
-    q = p * N
+    q = (w / tl.load(Total)) * N
     # classify on the rounded q, as the fill kernel does: with FMA contraction q - 1 may be
     # computed from the exact product, which is > 0 for some q that round to exactly 1
     light = q <= 1.0
@@ -140,7 +140,7 @@ def _search(
 @triton.jit
 def _alias_fill_kernel(
     # pointers
-    Probs, A, H, OffA, OffH, PrevA, PrevH, EndA, EndH, ScaleH, Prob, Alias,
+    W, Total, A, H, OffA, OffH, PrevA, PrevH, EndA, EndH, ScaleH, Prob, Alias, Probs,
     # sizes
     N, n_blocks, block_steps,
     # meta-parameters
@@ -150,7 +150,9 @@ def _alias_fill_kernel(
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    q = tl.load(Probs + offs, mask=mask, other=0.0) * N
+    p = tl.load(W + offs, mask=mask, other=0.0).to(tl.float64) / tl.load(Total)
+    tl.store(Probs + offs, p, mask=mask)
+    q = p * N
     light = q <= 1.0
     heavy = mask & (~light)
     # global prefix values at k: H_k (rescaled so that H_N = A_N), A_{k-1} for lights
@@ -261,7 +263,8 @@ def _icdf_kernel(
 
 # Fixed configurations, chosen from an ahead-of-time sm_90 compile (registers per thread,
 # no spills; `triton.compile(..., target=GPUTarget("cuda", 90, 32))` runs without a GPU):
-# scan 48, fill 40, sample 42, one-shot 103. Not yet timed on a GPU.
+# with Triton 3.9, scan 78, fill 54 (47 with int64 aliases), sample 42, one-shot 100
+# (tests/test_alias.py recompiles them and bounds them). Not yet timed on a GPU.
 SCAN_BLOCK = 1024  # also the granularity of the block offsets the searches use
 SCAN_WARPS = 8
 FILL_WARPS = 16  # the searches are latency-bound: many threads, 2 items each
@@ -314,7 +317,7 @@ def build(
     block_a = torch.empty(n_blocks, dtype=torch.float64, device=dev)
     block_h = torch.empty(n_blocks, dtype=torch.float64, device=dev)
     _alias_scan_kernel[(n_blocks,)](
-        w, total, probs, a, h, block_a, block_h, n, BLOCK=SCAN_BLOCK, num_warps=SCAN_WARPS
+        w, total, a, h, block_a, block_h, n, BLOCK=SCAN_BLOCK, num_warps=SCAN_WARPS
     )
     off_a, prev_a, end_a = _block_values(block_a)
     off_h, prev_h, end_h = _block_values(block_h)
@@ -324,7 +327,7 @@ def build(
     prob = out_prob if out_prob is not None else torch.empty(n, dtype=PROB_DTYPE, device=dev)
     alias = out_alias if out_alias is not None else torch.empty(n, dtype=index_dtype(n), device=dev)
     _alias_fill_kernel[(n_blocks,)](
-        probs, a, h, off_a, off_h, prev_a, prev_h, end_a, end_h, scale_h, prob, alias,
+        w, total, a, h, off_a, off_h, prev_a, prev_h, end_a, end_h, scale_h, prob, alias, probs,
         n, n_blocks, n_blocks.bit_length(),
         BLOCK=SCAN_BLOCK, IN_STEPS=SCAN_BLOCK.bit_length(), num_warps=FILL_WARPS,
     )
