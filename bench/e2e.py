@@ -23,6 +23,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.malloc import pin_glibc_malloc  # noqa: E402
 from fastis.cli import DEFAULT_LR  # noqa: E402
 from fastis.demo import data as demo_data  # noqa: E402
 from fastis.demo import report  # noqa: E402
@@ -93,7 +94,8 @@ def compare(args, data, model_fn, lrs):
 
 def write_compare(path, args, records, lrs):
     lines = [f"# End-to-end: {args.name}", "",
-             f"{time.strftime('%Y-%m-%d')}; {report.machine()}", "",
+             f"{time.strftime('%Y-%m-%d')}; {report.machine()}; glibc malloc thresholds: "
+             f"{args.malloc}", "",
              f"Budget {args.budget:g} s of training per run, {args.schedule} schedule, seeds "
              f"{args.seeds}; data {args.data_desc}. Mean ± standard deviation over the seeds. "
              "Speed-up: uniform's time to reach its final training loss over the method's "
@@ -129,7 +131,8 @@ def sweep(args, data, model_fn):
                 print(f"lr {lr:g} seed {seed} {m:>18}: loss {r['final_train_loss']:.3e}",
                       flush=True)
     lines = [f"# Learning-rate sweep: {args.name}", "",
-             f"{time.strftime('%Y-%m-%d')}; {report.machine()}", "",
+             f"{time.strftime('%Y-%m-%d')}; {report.machine()}; glibc malloc thresholds: "
+             f"{args.malloc}", "",
              f"Final training loss (geometric mean over seeds {args.seeds}) after "
              f"{args.budget:g} s, {args.schedule} schedule; data {args.data_desc}.", "",
              "| method | " + " | ".join(f"lr {lr:g}" for lr in args.sweep) + " | best |",
@@ -162,7 +165,11 @@ def main(argv=None):
     parser.add_argument("--sweep", type=float, nargs="*", help="learning rates to sweep")
     parser.add_argument("--name", default=None, help="results file suffix")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--malloc", choices=("pinned", "default"), default="pinned",
+                        help="pin glibc's malloc thresholds for stable timings (bench/malloc.py)")
     args = parser.parse_args(argv)
+    if args.malloc == "pinned" and not pin_glibc_malloc():
+        args.malloc = "default (no glibc)"
     device = torch.device(args.device)
     if args.cifar:
         data = demo_data.cifar10(args.cifar)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fastis  # noqa: E402
+from bench.malloc import pin_glibc_malloc  # noqa: E402
 from bench.shapes import DTYPES, FULL  # noqa: E402
 
 QUICK = [(1024, 10), (256, 1000)]
@@ -340,6 +341,7 @@ def main(argv=None):
         else f"cpu {platform.processor() or platform.machine()} (smoke run)",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "torch": torch.__version__, "triton": triton_version,
+        "malloc": "pinned" if pin_glibc_malloc() else "default",  # bench/malloc.py
     }
     start = time.perf_counter()
     report["copy_GBps"] = copy_bandwidth(device, 1 << (24 if args.quick else 30))

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fastis  # noqa: E402
+from bench.malloc import pin_glibc_malloc  # noqa: E402
 from fastis.demo.models import MNIST1DCNN  # noqa: E402
 from fastis.sampler import ImportanceSampler  # noqa: E402
 
@@ -205,6 +206,7 @@ def main(argv=None):
     parser.add_argument("--e2e-budget", type=float, default=10.0)
     parser.add_argument("--out", type=Path, help="also write this markdown file")
     args = parser.parse_args(argv)
+    pin_glibc_malloc()  # stable host timings (bench/malloc.py)
     report = {}
     res = run_checks(report, args.device, args.quick, args.e2e_budget)
     print(json.dumps(res, indent=1))
