@@ -336,12 +336,13 @@ def main(argv=None):
         triton_version = triton.__version__
     except ImportError:
         triton_version = "absent"
+    pinned = pin_glibc_malloc()  # stable host timings (bench/malloc.py)
     report = {
         "device_name": torch.cuda.get_device_name() if device == "cuda"
         else f"cpu {platform.processor() or platform.machine()} (smoke run)",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "torch": torch.__version__, "triton": triton_version,
-        "malloc": "pinned" if pin_glibc_malloc() else "default",  # bench/malloc.py
+        "malloc": "pinned" if pinned else "default",
     }
     start = time.perf_counter()
     report["copy_GBps"] = copy_bandwidth(device, 1 << (24 if args.quick else 30))

@@ -338,7 +338,7 @@ def test_bad_n_and_generator(kwargs, exc, match):
         AliasTable(w).sample(n, **kwargs)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(
     weights=st.lists(
         st.one_of(
@@ -357,7 +357,7 @@ def test_property_table_is_exact(weights):
         assert alias.dtype == torch.int32
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=15)
 @given(
     n_cat=st.integers(1, 2100),
     zeros=st.floats(0.0, 0.95),

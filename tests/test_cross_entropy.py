@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastis
@@ -286,8 +286,7 @@ def test_bad_input_sequences():
         fastis.cross_entropy(torch.randn(2, 3, 5), torch.full((2, 3), 5))
 
 
-@settings(max_examples=20, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=20)
 @given(
     N=st.integers(1, 16),
     T=st.one_of(st.none(), st.integers(1, 3)),

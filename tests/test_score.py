@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastis
@@ -320,8 +320,7 @@ def test_opcheck(backend, device):
                                   (z, target, -100, 0.1, compute_grad))
 
 
-@settings(max_examples=30, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=30)
 @given(
     rows=st.integers(0, 40),
     T=st.one_of(st.none(), st.integers(0, 4)),
