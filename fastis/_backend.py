@@ -1,6 +1,6 @@
-"""Which implementation runs a call: the fused Triton kernels or the plain-torch path.
+"""Which implementation runs a kernel call: the fused Triton kernels or the plain-torch path.
 
-``FASTIS_BACKEND`` (read at every call, so tests can switch it):
+``FASTIS_BACKEND`` (read once per call, by ``kernel_backend``, so tests can switch it):
 
 - ``auto`` (default): Triton for CUDA tensors when Triton is importable, torch otherwise.
 - ``torch``: always the plain-torch path (``fastis.reference``).
@@ -27,15 +27,16 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def use_triton(tensor: torch.Tensor) -> bool:
-    """True when the call on ``tensor`` (its device decides) should run the Triton kernel."""
+def kernel_backend(tensor: torch.Tensor) -> str:
+    """``"triton"`` or ``"torch"``: the implementation for a call on ``tensor`` (its device
+    decides, with ``FASTIS_BACKEND``)."""
     mode = os.environ.get("FASTIS_BACKEND", "auto").lower()
     if mode not in BACKENDS:
         raise ValueError(f"FASTIS_BACKEND must be one of {BACKENDS}, got {mode!r}")
     if mode == "torch":
-        return False
+        return "torch"
     if mode == "auto":
-        return tensor.is_cuda and triton_available()
+        return "triton" if tensor.is_cuda and triton_available() else "torch"
     if not triton_available():
         raise RuntimeError("FASTIS_BACKEND=triton but triton is not installed")
     if not tensor.is_cuda and not _interpreting():
@@ -43,4 +44,9 @@ def use_triton(tensor: torch.Tensor) -> bool:
             f"FASTIS_BACKEND=triton on a {tensor.device.type} tensor needs TRITON_INTERPRET=1 "
             "(set before the first kernel launch)"
         )
-    return True
+    return "triton"
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """True when the call on ``tensor`` should run the Triton kernel."""
+    return kernel_backend(tensor) == "triton"

@@ -5,14 +5,17 @@ no synchronisation and ``torch.compile`` traces through them. Value checks that 
 data (class indices in range) run inside the op, on CPU tensors only.
 """
 
+import math
 import operator
 
 import torch
 
-INDEX_DTYPES = (torch.int64, torch.int32)
+from fastis.constants import INDEX_DTYPES
+
+_INT64 = (-(2**63), 2**63 - 1)
 
 
-def check_logits_target(logits, target, label_smoothing: float) -> None:
+def check_logits_target(logits, target, label_smoothing) -> None:
     """Validates the ``(logits, target)`` pair of ``score`` / ``cross_entropy``."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a tensor, got {type(logits).__name__}")
@@ -44,11 +47,42 @@ def check_logits_target(logits, target, label_smoothing: float) -> None:
             )
     else:
         raise TypeError(
-            f"target must hold int64/int32 class indices or floating probabilities, "
+            f"target must hold int64/int32/uint8 class indices or floating probabilities, "
             f"got {target.dtype}"
         )
+    float_arg("label_smoothing", label_smoothing)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+
+
+def float_arg(name: str, value) -> float:
+    """``value`` as a Python ``float`` (a real number, not a bool or a string; not NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN")
+    return value
+
+
+def index_arg(name: str, value) -> int:
+    """A class index option (``ignore_index``): a Python int in the int64 range."""
+    if isinstance(value, bool) or isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") \
+            from None
+    if not _INT64[0] <= value <= _INT64[1]:
+        raise ValueError(f"{name} must fit in int64, got {value}")
+    return value
+
+
+def bool_arg(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
 
 
 def check_rows(name: str, tensor, logits, *, rows=None, trailing: bool = False) -> None:

@@ -1,11 +1,17 @@
-"""``fastis.cross_entropy``: importance-weighted cross-entropy with the score for free."""
+"""``fastis.cross_entropy``: importance-weighted cross-entropy with the score for free.
+
+Runs the op ``fastis::softmax_xent`` and its backward ``fastis::softmax_xent_grad``
+(``fastis.ops``; ``fastis::softmax_xent_`` in the in-place mode): the Triton kernels
+(``fastis._triton.softmax_xent``) for CUDA tensors, the plain-torch path
+(``fastis.reference``) elsewhere and for float64.
+"""
 
 import torch
 
-from fastis._checks import check_logits_target, check_rows
-from fastis._ops import loss_and_score, scale_rows_, softmax_xent_
-
-REDUCTIONS = ("none", "mean", "sum")
+from fastis._checks import bool_arg, check_logits_target, check_rows, index_arg
+from fastis.constants import IGNORE_INDEX, REDUCTIONS
+from fastis.ops import InplaceSoftmaxXent, count_rows, softmax_xent_autograd
+from fastis.score import sequence_norm
 
 
 def cross_entropy(
@@ -14,7 +20,7 @@ def cross_entropy(
     *,
     sample_weight: torch.Tensor | None = None,
     reduction: str = "mean",
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     label_smoothing: float = 0.0,
     return_score: bool = False,
     inplace: bool = False,
@@ -37,17 +43,21 @@ def cross_entropy(
     reduction's factor, with no host synchronisation anywhere. By default the fused kernel
     produces it in backward (one more read of the logits, one write of the gradient;
     nothing is kept between forward and backward but the logits), so the graph may be
-    backpropagated twice and ``torch.compile`` sees pure ops. With ``inplace=True`` the
+    backpropagated twice and ``torch.compile`` sees pure ops; the backward is itself
+    differentiable (``create_graph=True``: gradient penalties, Hessian-vector products) and
+    forward-mode AD works in eager mode. Soft targets get a gradient too
+    (``dloss / dt_j = -(1 - eps) log p_j``). With ``inplace=True`` the
     forward pass writes the gradient over the logits (one read, one write, no extra
     buffer) and backward only rescales it by the incoming gradient, skipping rows whose
     factor is exactly 1 on the device. ``sample_weight`` receives a gradient too when it
     requires one (``dloss / dw_i = L_i`` times the reduction's factor).
 
     Args:
-        logits: ``[N, C]`` or ``[B, T, C]``, float32/bfloat16/float16 (float64 accepted).
-        target: class indices ``[N]`` / ``[B, T]`` (int64/int32), or class probabilities
-            shaped like ``logits`` (soft targets: ``ignore_index`` does not apply, every row
-            counts).
+        logits: ``[N, C]`` or ``[B, T, C]``, float32/bfloat16/float16 (computed in
+            float32), or float64 (computed in float64 by the plain-torch path).
+        target: class indices ``[N]`` / ``[B, T]`` (int64/int32/uint8), or class
+            probabilities shaped like ``logits`` (soft targets: ``ignore_index`` does not
+            apply, every row counts; any real values are accepted, as in torch).
         sample_weight: optional non-negative floating ``[N]`` (``[B]`` for sequences).
         reduction: ``'none'`` | ``'mean'`` | ``'sum'``.
         ignore_index: rows (tokens) with this target have loss 0, gradient 0, score 0, and
@@ -57,8 +67,11 @@ def cross_entropy(
             ``fastis.score(logits, target, ...)`` and computed in the same pass.
         inplace: overwrite ``logits`` with the gradient during the forward pass (only when
             nothing else reads the logits afterwards: autograd raises if another op saved
-            them); a second backward through the graph then raises. With 16-bit logits the
-            stored gradient is rounded twice when the incoming gradient is not 1.
+            them); a second backward through the graph, or a double backward, then raises.
+            As torch's in-place ops, it refuses (``RuntimeError``) a leaf that requires grad
+            or a view of one, logits whose elements share memory (expanded views), and an
+            inference tensor outside inference mode. With 16-bit logits the stored
+            gradient is rounded twice when the incoming gradient is not 1.
 
     Returns:
         ``loss`` (float32; float64 for float64 logits), or ``(loss, score)`` with ``score``
@@ -74,23 +87,25 @@ def cross_entropy(
         >>> loss.backward()
     """
     check_logits_target(logits, target, label_smoothing)
-    if reduction not in REDUCTIONS:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    ignore_index = index_arg("ignore_index", ignore_index)
+    return_score, inplace = bool_arg("return_score", return_score), bool_arg("inplace", inplace)
     weight = None if sample_weight is None else _checked_weight(sample_weight, logits)
+    if target.dtype == torch.uint8:
+        target = target.long()
+    eps = float(label_smoothing)
     if inplace:
-        loss, score = _InplaceCrossEntropy.apply(logits, target, weight, reduction,
-                                                 ignore_index, float(label_smoothing))
+        check_inplace(logits)
+        loss, score = InplaceSoftmaxXent.apply(logits, target, weight, reduction, ignore_index,
+                                               eps, _reduce)
     else:
-        loss, score = loss_and_score(logits, target, ignore_index, float(label_smoothing),
-                                     need_score=return_score)
+        loss, score = softmax_xent_autograd(logits, target, ignore_index, eps, return_score)
         count = count_rows(target, logits, ignore_index) if reduction == "mean" else None
         loss = _reduce(loss, weight, reduction, count)
     if not return_score:
         return loss
-    score = score.detach()
-    if logits.dim() == 3:
-        score = torch.linalg.vector_norm(score, dim=1)
-    return loss, score.float()
+    return loss, sequence_norm(score.detach(), logits).float()
 
 
 def _reduce(row_loss, weight, reduction, count):
@@ -103,55 +118,39 @@ def _reduce(row_loss, weight, reduction, count):
     return row_loss
 
 
-class _InplaceCrossEntropy(torch.autograd.Function):
-    """``cross_entropy(..., inplace=True)``: the gradient is computed in forward, over the
-    logits, and only rescaled in backward."""
-
-    @staticmethod
-    def forward(ctx, logits, target, weight, reduction, ignore_index, label_smoothing):
-        # the factor each row's gradient carries into backward: w_i, and 1/n for a mean
-        factor = torch.ones(logits.shape[:-1], dtype=torch.float32, device=logits.device)
-        if weight is not None:
-            factor = factor * weight
-        count = count_rows(target, logits, ignore_index)
-        if reduction == "mean":
-            factor = factor / count
-        row_loss, score = softmax_xent_(logits, target, ignore_index, label_smoothing, factor)
-        loss = _reduce(row_loss, weight, reduction, count)
-        # Not mark_dirty: logits are often views (a [B, T, C] matmul output), which autograd
-        # cannot rebase for a multi-output Function. The op bumps their version counter, so
-        # any other op that saved them for backward raises there instead of going wrong.
-        ctx.save_for_backward(logits, row_loss, count)
-        ctx.reduction, ctx.sequences, ctx.consumed = reduction, logits.dim() == 3, False
-        ctx.mark_non_differentiable(score)
-        return loss, score
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_score):
-        if ctx.consumed:
-            raise RuntimeError(
-                "fastis.cross_entropy(..., inplace=True) was backpropagated twice: its "
-                "gradient lives in the logits' memory and is consumed by the first backward; "
-                "use inplace=False to retain the graph")
-        ctx.consumed = True
-        grad, row_loss, count = ctx.saved_tensors
-        grad_weight = None
-        if ctx.needs_input_grad[2]:
-            grad_weight = row_loss * grad_loss
-            if ctx.reduction == "mean":
-                grad_weight = grad_weight / count
-            if ctx.sequences:
-                grad_weight = grad_weight.sum(1, keepdim=True)
-        scale_rows_(grad, grad_loss)
-        return grad, None, grad_weight, None, None, None
+def check_inplace(logits: torch.Tensor) -> None:
+    """What torch's own in-place ops refuse: a leaf that requires grad (or a view of one),
+    memory that overlaps itself (expanded views), an inference tensor outside inference
+    mode."""
+    base = logits._base if logits._base is not None else logits
+    if logits.requires_grad and base.is_leaf:
+        view = "a view of " if base is not logits else ""
+        raise RuntimeError(
+            f"fastis.cross_entropy(..., inplace=True) got {view}a leaf tensor that requires "
+            "grad: writing the gradient over it would overwrite the parameter; pass the "
+            "logits computed from it, or use inplace=False")
+    if (not torch.compiler.is_compiling() and logits.is_inference()
+            and not torch.is_inference_mode_enabled()):
+        raise RuntimeError("fastis.cross_entropy(..., inplace=True) on an inference tensor "
+                           "outside inference mode (torch refuses such in-place updates)")
+    if _may_overlap(logits):
+        raise RuntimeError(
+            "fastis.cross_entropy(..., inplace=True): the logits' elements share memory "
+            f"(shape {tuple(logits.shape)}, strides {logits.stride()}, e.g. an expanded "
+            "view); in-place writes would collide. Pass a tensor of distinct elements, or "
+            "use inplace=False")
 
 
-def count_rows(target: torch.Tensor, logits: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Number of rows (tokens) that count in a mean, as a tensor (no synchronisation)."""
-    if target.is_floating_point():
-        # a fill, not a host-to-device copy: stays capturable in a CUDA graph
-        return torch.full((), float(logits.shape[:-1].numel()), device=logits.device)
-    return (target != ignore_index).sum().float()
+def _may_overlap(t: torch.Tensor) -> bool:
+    """False when the elements provably occupy distinct memory (each dimension, by
+    increasing stride, steps past the extent of the smaller ones)."""
+    dims = sorted((st, n) for st, n in zip(t.stride(), t.shape, strict=True) if n > 1)
+    extent = 1
+    for stride, size in dims:
+        if stride < extent:
+            return True
+        extent = stride * size
+    return False
 
 
 def _checked_weight(weight: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -159,7 +158,8 @@ def _checked_weight(weight: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     sequences = logits.dim() == 3
     check_rows("sample_weight", weight, logits, rows=logits.shape[:1] if sequences else None)
     valid = (weight >= 0) & torch.isfinite(weight)
-    if not weight.is_cuda and not torch.compiler.is_compiling() and not valid.all():
+    checkable = weight.device.type == "cpu" and not torch.compiler.is_compiling()
+    if checkable and not valid.all():
         value = weight[~valid][0].item()
         raise ValueError(f"sample_weight must be finite and non-negative, got {value}")
     # where the check would synchronise, a bad weight poisons its row instead

@@ -119,3 +119,97 @@ def _rows(z, target, ignore_index, eps, compute_grad, scale):
         grad = grad.mul_(torch.where(ignored, 0.0, scale)[:, None])
     grad = grad.masked_fill_(bad[:, None], float("nan")).masked_fill_(ignored[:, None], 0.0)
     return loss, score, grad
+
+
+def cross_entropy_rows(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """The ``loss`` of ``softmax_xent`` alone, shaped ``logits.shape[:-1]``.
+
+    On the CPU this is torch's own fused cross-entropy (one call, the same numbers up to
+    rounding), with ``softmax_xent``'s rule for a ``+inf`` logit (NaN; torch gives inf).
+    Elsewhere (a class index out of range would trip a device assertion there, where
+    ``softmax_xent`` marks the row NaN) it is ``softmax_xent`` itself.
+    """
+    if logits.device.type != "cpu":
+        return softmax_xent(logits, target, ignore_index=ignore_index,
+                            label_smoothing=label_smoothing)[0]
+    C = logits.shape[-1]
+    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    z = logits.reshape(-1, C).to(compute)
+    t = target.reshape(-1, C).to(compute) if target.is_floating_point() else \
+        target.reshape(-1).long()
+    loss = torch.nn.functional.cross_entropy(z, t, reduction="none", ignore_index=ignore_index,
+                                             label_smoothing=label_smoothing)
+    if z.shape[0] and C:
+        loss = loss.masked_fill_(z.amax(-1) == float("inf"), float("nan"))
+        if not target.is_floating_point():
+            loss = loss.masked_fill_(t == ignore_index, 0.0)
+    return loss.view(logits.shape[:-1])
+
+
+def target_distribution(logits, target, ignore_index: int, label_smoothing: float):
+    """``(p, t, total, valid)`` for the differentiable formulas (double backward, jvp).
+
+    ``p = softmax(z)`` and ``t`` the (smoothed) target distribution, ``[..., C]`` in float32
+    (float64 for float64 logits); ``total = sum(t)`` and ``valid`` (not ignored) ``[..., 1]``.
+    Class indices out of range give NaN rows, as in ``softmax_xent``.
+    """
+    C = logits.shape[-1]
+    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    p = torch.softmax(logits.to(compute), -1)
+    eps = label_smoothing
+    if target.is_floating_point():
+        t = target.to(compute)
+        if eps:
+            t = (1 - eps) * t + eps / C
+        return p, t, t.sum(-1, keepdim=True), torch.ones_like(p[..., :1], dtype=torch.bool)
+    valid = (target != ignore_index)[..., None]
+    in_range = ((target >= 0) & (target < C))[..., None]
+    y = torch.where(in_range[..., 0], target, 0).long()
+    t = torch.nn.functional.one_hot(y, C).to(compute)
+    if eps:
+        t = (1 - eps) * t + eps / C
+    total = torch.where(in_range | ~valid, 1.0, float("nan")).to(compute)
+    return p, t, total, valid
+
+
+def cross_entropy_grad(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    grad_scale: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """``grad_scale[r] * dloss_r / dlogits_r`` from torch's softmax, in the logits' dtype.
+
+    The torch path's backward: a handful of ops (``softmax(z) T - t``), what
+    ``F.cross_entropy``'s backward computes, where ``softmax_xent(compute_grad=True)``
+    takes some thirty to keep ``1 - p_y`` exact. The target entry is ``p_y - 1`` here, exact
+    to float32 rounding in absolute terms (not relative, as ``p_y -> 1``). Ignored rows
+    get 0, class indices out of range NaN rows, as in ``softmax_xent``.
+    """
+    C = logits.shape[-1]
+    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    p = torch.softmax(logits.to(compute), -1)
+    eps = label_smoothing
+    scale = grad_scale.to(compute)[..., None]
+    if target.is_floating_point():
+        t = target.to(compute)
+        if eps:
+            t = (1 - eps) * t + eps / C
+        return ((p * t.sum(-1, keepdim=True) - t) * scale).to(logits.dtype)
+    if eps:
+        p = p.sub_(eps / C)
+    in_range = (target >= 0) & (target < C)
+    y = torch.where(in_range, target, 0).long()[..., None]
+    p = p.scatter_add_(-1, y, torch.full_like(p[..., :1], eps - 1.0))
+    scale = torch.where((target == ignore_index)[..., None], 0.0, scale)
+    scale = torch.where(in_range[..., None] | (target == ignore_index)[..., None], scale,
+                        float("nan"))
+    return p.mul_(scale).to(logits.dtype)

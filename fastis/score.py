@@ -1,9 +1,15 @@
-"""``fastis.score``: the per-sample gradient-norm upper bound of Katharopoulos & Fleuret."""
+"""``fastis.score``: the per-sample gradient-norm upper bound of Katharopoulos & Fleuret.
+
+Runs the op ``fastis::softmax_xent`` (``fastis.ops``): the Triton kernel
+(``fastis._triton.softmax_xent``) for CUDA tensors, the plain-torch path
+(``fastis.reference``) elsewhere and for float64.
+"""
 
 import torch
 
-from fastis._checks import check_logits_target, check_rows
-from fastis._ops import loss_and_score
+from fastis._checks import bool_arg, check_logits_target, check_rows, index_arg
+from fastis.constants import IGNORE_INDEX
+from fastis.ops import softmax_xent
 
 
 def score(
@@ -12,7 +18,7 @@ def score(
     *,
     features: torch.Tensor | None = None,
     bias: bool = True,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     r"""Per-sample importance score: the norm of the loss gradient w.r.t. the logits.
@@ -23,10 +29,11 @@ def score(
     float32 in one pass over the logits: it keeps full relative precision as ``p_y -> 1``.
 
     Args:
-        logits: ``[N, C]`` or ``[B, T, C]``, float32/bfloat16/float16 (float64 accepted).
-            Any strides.
-        target: class indices ``[N]`` / ``[B, T]`` (int64 or int32), or class probabilities
-            shaped like ``logits`` (soft targets; ``ignore_index`` does not apply).
+        logits: ``[N, C]`` or ``[B, T, C]``, float32/bfloat16/float16 (computed in
+            float32), or float64 (computed in float64, by the plain-torch path). Any strides.
+        target: class indices ``[N]`` / ``[B, T]`` (int64, int32 or uint8), or class
+            probabilities shaped like ``logits`` (soft targets; ``ignore_index`` does not
+            apply; any real values are accepted, as in ``F.cross_entropy``).
         features: optional ``[N, D]`` / ``[B, T, D]`` inputs of a final ``nn.Linear`` that
             produced the logits. The score is then that layer's exact per-sample gradient
             norm ``G_i * sqrt(||h_i||^2 + bias)``. For sequences it is
@@ -52,14 +59,29 @@ def score(
         >>> g = fastis.score(logits, y)   # importance of each example in the batch
     """
     check_logits_target(logits, target, label_smoothing)
+    ignore_index = index_arg("ignore_index", ignore_index)
+    bias = bool_arg("bias", bias)
     if features is not None:
         check_rows("features", features, logits, trailing=True)
+    if target.dtype == torch.uint8:
+        target = target.long()
     with torch.no_grad():
-        _, g = loss_and_score(logits.detach(), target.detach(), ignore_index,
-                              float(label_smoothing), need_loss=False)
+        _, g = softmax_xent(logits.detach(), target.detach(), ignore_index,
+                            float(label_smoothing), True)
         if features is not None:
-            h = torch.linalg.vector_norm(features.detach(), dim=-1, dtype=torch.float32)
-            g = g * torch.sqrt(h * h + 1.0) if bias else g * h
-        if logits.dim() == 3:
-            g = torch.linalg.vector_norm(g, dim=1)
-    return g.float()
+            g = scale_by_features(g, features.detach(), bias)
+        return sequence_norm(g, logits).float()
+
+
+def scale_by_features(g: torch.Tensor, features: torch.Tensor, bias: bool) -> torch.Tensor:
+    """``g * sqrt(||h||^2 + 1)`` (``bias``) or ``g * ||h||``, in the wider of the two dtypes."""
+    dtype = torch.promote_types(g.dtype, torch.promote_types(features.dtype, torch.float32))
+    h = torch.linalg.vector_norm(features.to(dtype), dim=-1)
+    g = g.to(dtype)
+    return g * torch.sqrt(h * h + 1.0) if bias else g * h
+
+
+def sequence_norm(g: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Per-token scores ``[B, T]`` to per-sequence ``sqrt(sum_t g^2)`` ``[B]``; rows as they
+    are for ``[N, C]`` logits."""
+    return torch.linalg.vector_norm(g, dim=1) if logits.dim() == 3 else g

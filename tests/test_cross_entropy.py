@@ -190,8 +190,11 @@ def test_gradcheck_torch_path(monkeypatch):
 def test_opcheck_with_autograd(backend, device):
     z = torch.randn(6, 11, device=device, requires_grad=True)
     y = torch.randint(0, 11, (6,), device=device)
-    torch.library.opcheck(torch.ops.fastis.softmax_xent.default, (z, y, -100, 0.0, False, None))
     ops = torch.ops.fastis
+    for compute_score in (False, True):
+        torch.library.opcheck(ops.softmax_xent.default, (z, y, -100, 0.0, compute_score))
+    grad_loss = torch.rand(6, device=device, requires_grad=True)
+    torch.library.opcheck(ops.softmax_xent_grad.default, (z, y, -100, 0.1, grad_loss))
     torch.library.opcheck(ops.softmax_xent_.default,
                           (z.detach().clone(), y, -100, 0.1, torch.rand(6, device=device)))
     for scale in (torch.rand(6, device=device), torch.tensor(2.0, device=device)):
@@ -306,3 +309,170 @@ def test_property(backend, device, N, T, C, dtype, soft, weighted, reduction, ep
     if reduction == "mean" and not soft and (target == -100).all():
         target.view(-1)[0] = 0  # an all-ignored mean is NaN, tested on its own
     check(logits, target, weight, reduction, inplace=inplace, label_smoothing=eps)
+
+
+# --------------------------------------------------------------------------------------
+# what torch users rely on: in-place rules, higher-order and forward-mode AD, float64
+
+
+def test_inplace_refuses_a_leaf_that_requires_grad(backend, device):
+    y = torch.zeros(4, dtype=torch.long, device=device)
+    p = torch.nn.Parameter(torch.randn(4, 3, device=device))
+    for logits in (p, p[:], p.view(4, 3)):
+        with pytest.raises(RuntimeError, match="leaf tensor that requires grad"):
+            fastis.cross_entropy(logits, y, inplace=True)
+    before = p.detach().clone()
+    assert torch.equal(p.detach(), before)  # untouched
+
+
+def test_inplace_refuses_overlapping_memory(backend, device):
+    y = torch.zeros(4, dtype=torch.long, device=device)
+    b = torch.randn(3, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError, match="share memory"):
+        fastis.cross_entropy(b.detach().expand(4, 3), y, inplace=True)
+    base = torch.randn(4, 3, device=device)
+    with pytest.raises(RuntimeError, match="share memory"):
+        fastis.cross_entropy(base.as_strided((4, 3), (1, 1)), y, inplace=True)
+    # distinct elements in any order are fine
+    z = torch.randn(3, 4, device=device).t()
+    fastis.cross_entropy(z, y, inplace=True)
+
+
+def test_inplace_refuses_inference_tensors_outside_inference_mode(backend, device):
+    y = torch.zeros(4, dtype=torch.long, device=device)
+    with torch.inference_mode():
+        z = torch.randn(4, 3, device=device)
+    with pytest.raises(RuntimeError, match="inference"):
+        fastis.cross_entropy(z, y, inplace=True)
+    with torch.inference_mode():
+        fastis.cross_entropy(z, y, inplace=True)
+
+
+def test_expanded_logits_get_the_summed_gradient(backend, device):
+    # not in place: a broadcast row receives the sum of its rows' gradients, as in torch
+    b = torch.randn(3, device=device, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 1], device=device)
+    (grad,) = torch.autograd.grad(fastis.cross_entropy(b.expand(4, 3), y), b)
+    (ref,) = torch.autograd.grad(F.cross_entropy(b.expand(4, 3), y), b)
+    torch.testing.assert_close(grad, ref)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_double_backward_matches_torch(backend, device, soft, eps):
+    # a gradient penalty: d/dz and d/dw of ||dloss/dz||^2, float32 on the kernel path
+    logits, target, weight = make((6, 7), torch.float32, device, seed=11, soft=soft,
+                                  ignore=0.2)
+    results = []
+    for fn in (fastis.cross_entropy, None):
+        z = logits.detach().double().clone().requires_grad_(True) if fn is None else \
+            logits.detach().clone().requires_grad_(True)
+        w = weight.detach().to(z.dtype).clone().requires_grad_(True)
+        t = target.to(z.dtype) if soft else target
+        if fn is None:
+            rows = F.cross_entropy(z, t, reduction="none", label_smoothing=eps)
+            loss = (rows * w).sum() / (rows.numel() if soft else (t != -100).sum())
+        else:
+            loss = fn(z, t, sample_weight=w, label_smoothing=eps)
+        (g,) = torch.autograd.grad(loss, z, create_graph=True)
+        assert g.requires_grad
+        results.append(torch.autograd.grad((g * g).sum() + g[:, 0].sum(), [z, w]))
+    for ours, ref in zip(*results, strict=True):
+        torch.testing.assert_close(ours.double(), ref, rtol=1e-4, atol=1e-6)
+
+
+def test_gradgradcheck_float64(backend, device):
+    g = torch.Generator().manual_seed(12)
+    z = torch.randn(5, 4, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+    w = torch.rand(5, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+    y = torch.tensor([0, 3, -100, 1, 2], device=device)
+    soft = torch.softmax(torch.randn(5, 4, generator=g, dtype=torch.float64), 1).to(device)
+    soft.requires_grad_(True)
+    for target, eps in ((y, 0.0), (y, 0.3), (soft, 0.1)):
+        def f(z, w, target=target, eps=eps):
+            return fastis.cross_entropy(z, target, sample_weight=w, label_smoothing=eps)
+        assert torch.autograd.gradcheck(f, (z, w))
+        assert torch.autograd.gradgradcheck(f, (z, w))
+    assert torch.autograd.gradcheck(lambda t: fastis.cross_entropy(z, t, label_smoothing=0.1),
+                                    (soft,))
+
+
+def test_inplace_refuses_double_backward(backend, device):
+    z = torch.randn(4, 3, device=device, requires_grad=True)
+    loss = fastis.cross_entropy(z * 1, torch.zeros(4, dtype=torch.long, device=device),
+                                inplace=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, z, create_graph=True)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_soft_target_and_logit_gradients_match_torch(backend, device, soft):
+    logits, target, _ = make((5, 6), torch.float32, device, seed=13, soft=True)
+    z = logits.clone().requires_grad_(True)
+    t = target.clone().requires_grad_(True)
+    grads = torch.autograd.grad(fastis.cross_entropy(z, t, label_smoothing=0.1), [z, t])
+    ref = torch.autograd.grad(F.cross_entropy(z, t, label_smoothing=0.1), [z, t])
+    for a, b in zip(grads, ref, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_forward_mode_ad_matches_torch(backend, device):
+    logits, target, weight = make((5, 6), torch.float32, device, seed=14, ignore=0.2)
+    v = torch.randn_like(logits)
+    for tgt in (target, torch.softmax(torch.randn_like(logits), -1)):
+        ours = torch.func.jvp(lambda z, t=tgt: fastis.cross_entropy(z, t, label_smoothing=0.1),
+                              (logits,), (v,))
+        ref = torch.func.jvp(lambda z, t=tgt: F.cross_entropy(z, t, label_smoothing=0.1),
+                             (logits,), (v,))
+        torch.testing.assert_close(ours, ref)
+
+
+def test_float64_stays_float64(backend, device):
+    z = torch.tensor([[1e39, 0.0, -3.0], [0.5, 1e-300, 2.0]], dtype=torch.float64,
+                     device=device, requires_grad=True)
+    y = torch.tensor([1, 2], device=device)
+    loss, score = fastis.cross_entropy(z, y, reduction="none", return_score=True)
+    ref = F.cross_entropy(z, y, reduction="none")
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, ref, rtol=1e-15, atol=0)
+    assert loss[0].item() == 1e39
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(4, 5, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+    t = torch.tensor([0, 4, 2, -100], device=device)
+    assert torch.autograd.gradcheck(lambda x: fastis.cross_entropy(x, t, reduction="sum"), (x,))
+
+
+def test_uint8_targets_like_torch(backend, device):
+    logits, target, _ = make((7, 5), torch.float32, device, seed=16)
+    ours = fastis.cross_entropy(logits, target.to(torch.uint8), reduction="none")
+    torch.testing.assert_close(ours, F.cross_entropy(logits, target.to(torch.uint8),
+                                                     reduction="none"))
+
+
+def test_meta_tensors_give_meta_results():
+    z = torch.randn(4, 3, device="meta")
+    y = torch.zeros(4, dtype=torch.long, device="meta")
+    loss, score = fastis.cross_entropy(z, y, sample_weight=torch.ones(4, device="meta"),
+                                       return_score=True)
+    assert loss.device.type == "meta" and loss.shape == () and score.shape == (4,)
+    assert fastis.score(z, y).shape == (4,)
+    assert fastis.cross_entropy(z, y, reduction="none").shape == (4,)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"ignore_index": None}, TypeError, "ignore_index must be an int"),
+        ({"ignore_index": 2**70}, ValueError, "ignore_index must fit in int64"),
+        ({"ignore_index": 1.5}, TypeError, "ignore_index must be an int"),
+        ({"label_smoothing": None}, TypeError, "label_smoothing must be a float"),
+        ({"label_smoothing": "0.1"}, TypeError, "label_smoothing must be a float"),
+        ({"label_smoothing": float("nan")}, ValueError, "label_smoothing must not be NaN"),
+        ({"return_score": "yes"}, TypeError, "return_score must be a bool"),
+        ({"inplace": 1}, TypeError, "inplace must be a bool"),
+        ({"reduction": None}, ValueError, "reduction must be one of"),
+    ],
+)
+def test_bad_options(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fastis.cross_entropy(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), **kwargs)

@@ -1,0 +1,391 @@
+"""The ``torch.library`` ops behind ``fastis.score`` and ``fastis.cross_entropy``.
+
+Every op is a ``custom_op`` with a fake implementation, so ``torch.compile(fullgraph=True)``
+treats it as one opaque call. Its body is the plain-torch path (``fastis.reference``), which
+serves every device; the kernel registered for CPU and CUDA reads the backend once per
+call (``fastis._backend.kernel_backend``) and runs the Triton kernel
+(``fastis._triton.softmax_xent``) or that torch path. float64 logits always take the torch
+path, so that float64 stays float64 all the way (the kernels accumulate in float32).
+
+- ``softmax_xent(logits, target, ignore_index, label_smoothing, compute_score)``:
+  ``(loss, score)`` per row (``score`` empty unless asked), differentiable through ``loss``
+  w.r.t. ``logits`` and soft targets.
+- ``softmax_xent_grad(logits, target, ignore_index, label_smoothing, grad_loss)``: its
+  backward, ``grad_loss[r] * dloss_r / dlogits_r`` (the same kernel again: one read of the
+  logits, one write of the gradient, nothing kept between forward and backward but the
+  logits). It is differentiable in turn (double backward, e.g. gradient penalties) through
+  the Hessian-vector formula in ``_grad_backward``, in torch ops.
+- ``softmax_xent_`` and ``scale_rows_``: the in-place mode (the gradient written over the
+  logits in forward, rescaled in backward). Mutating ops cannot carry an autograd formula,
+  so ``InplaceSoftmaxXent`` holds theirs.
+
+``softmax_xent_autograd`` is what ``cross_entropy`` calls: the op itself while
+``torch.compile`` traces, and in eager mode an ``autograd.Function`` with the very same
+``setup_context`` / ``backward`` (plus forward-mode AD), because the custom-op autograd
+layer costs about 45 us per forward and backward on the CPU (measured: 100 against 55 us
+for a trivial op), a few percent of a small model's step. No host synchronisation anywhere,
+except the class-index range check on CPU tensors.
+"""
+
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
+
+from fastis import reference
+from fastis._backend import kernel_backend
+
+
+def _out_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _triton(logits: torch.Tensor) -> bool:
+    """The one backend decision of a call."""
+    return logits.dtype != torch.float64 and kernel_backend(logits) == "triton"
+
+
+def _check_values(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> None:
+    # reads the values: CPU tensors only (on CUDA it would synchronise; the kernels mark
+    # such rows NaN and read nothing out of bounds instead)
+    if logits.device.type == "cpu" and not target.is_floating_point():
+        check_target_range(target, logits.shape[-1], ignore_index)
+
+
+def _kernel():
+    # imported on first use: Triton reads TRITON_INTERPRET when the kernels are defined
+    from fastis._triton import softmax_xent as kernel
+
+    return kernel
+
+
+def _row_scale(scale: torch.Tensor) -> torch.Tensor:
+    return scale.reshape(-1).float().contiguous()
+
+
+# --------------------------------------------------------------------------------------
+# fastis::softmax_xent: per-row loss and score
+
+
+@torch.library.custom_op("fastis::softmax_xent", mutates_args=())
+def softmax_xent(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    compute_score: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, score)`` per row, shaped ``logits.shape[:-1]``, float32 (float64 for
+    float64 logits); ``score`` is empty unless ``compute_score``."""
+    return _torch_softmax_xent(logits, target, ignore_index, label_smoothing, compute_score)
+
+
+def _torch_softmax_xent(logits, target, ignore_index, label_smoothing, compute_score):
+    if not compute_score:
+        loss = reference.cross_entropy_rows(logits, target, ignore_index=ignore_index,
+                                            label_smoothing=label_smoothing)
+        return loss, logits.new_empty(0, dtype=loss.dtype)
+    loss, score, _ = reference.softmax_xent(logits, target, ignore_index=ignore_index,
+                                            label_smoothing=label_smoothing)
+    return loss, score
+
+
+@softmax_xent.register_kernel(("cpu", "cuda"))
+def _softmax_xent_kernel(logits, target, ignore_index, label_smoothing, compute_score):
+    _check_values(logits, target, ignore_index)
+    if not _triton(logits):
+        return _torch_softmax_xent(logits, target, ignore_index, label_smoothing,
+                                   compute_score)
+    loss, score = _kernel().softmax_xent(logits, target, ignore_index=ignore_index,
+                                         label_smoothing=label_smoothing)
+    return loss, score if compute_score else logits.new_empty(0, dtype=loss.dtype)
+
+
+@softmax_xent.register_fake
+def _(logits, target, ignore_index, label_smoothing, compute_score):
+    loss = logits.new_empty(logits.shape[:-1], dtype=_out_dtype(logits))
+    return loss, torch.empty_like(loss) if compute_score else loss.new_empty(0)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, ignore_index, label_smoothing, _ = inputs
+    ctx.save_for_backward(logits, target)
+    ctx.ignore_index, ctx.label_smoothing = ignore_index, label_smoothing
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_loss, grad_score):
+    logits, target = ctx.saved_tensors
+    ignore_index, eps = ctx.ignore_index, ctx.label_smoothing
+    grad_logits = grad_target = None
+    if ctx.needs_input_grad[0]:
+        # through the op when a graph of the backward is wanted (it differentiates again)
+        grad_fn = softmax_xent_grad if torch.is_grad_enabled() else _direct(
+            logits, softmax_xent_grad, _softmax_xent_grad_kernel)
+        grad_logits = grad_fn(logits, target, ignore_index, eps, grad_loss)
+    if ctx.needs_input_grad[1]:  # soft targets: dloss / dt_j = -(1 - eps) log p_j
+        log_p = torch.log_softmax(logits.to(_out_dtype(logits)), -1)
+        grad_target = (-(1.0 - eps) * log_p * grad_loss[..., None]).to(target.dtype)
+    return grad_logits, grad_target, None, None, None
+
+
+softmax_xent.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------
+# fastis::softmax_xent_grad: the backward, differentiable again
+
+
+@torch.library.custom_op("fastis::softmax_xent_grad", mutates_args=())
+def softmax_xent_grad(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    grad_loss: torch.Tensor,
+) -> torch.Tensor:
+    """``grad_loss[r] * dloss_r / dlogits_r`` in the logits' dtype (``grad_loss`` shaped
+    ``logits.shape[:-1]``)."""
+    return _torch_softmax_xent_grad(logits, target, ignore_index, label_smoothing, grad_loss)
+
+
+def _torch_softmax_xent_grad(logits, target, ignore_index, label_smoothing, grad_loss):
+    return reference.cross_entropy_grad(logits, target, grad_loss, ignore_index=ignore_index,
+                                        label_smoothing=label_smoothing)
+
+
+@softmax_xent_grad.register_kernel(("cpu", "cuda"))
+def _softmax_xent_grad_kernel(logits, target, ignore_index, label_smoothing, grad_loss):
+    if not _triton(logits):
+        return _torch_softmax_xent_grad(logits, target, ignore_index, label_smoothing,
+                                        grad_loss)
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _kernel().softmax_xent(logits, target, ignore_index=ignore_index,
+                           label_smoothing=label_smoothing, grad=grad,
+                           grad_scale=_row_scale(grad_loss))
+    return grad
+
+
+@softmax_xent_grad.register_fake
+def _(logits, target, ignore_index, label_smoothing, grad_loss):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _grad_setup_context(ctx, inputs, output):
+    logits, target, ignore_index, label_smoothing, grad_loss = inputs
+    ctx.save_for_backward(logits, target, grad_loss)
+    ctx.ignore_index, ctx.label_smoothing = ignore_index, label_smoothing
+
+
+def _grad_backward(ctx, v):
+    r"""Backward of ``g = s * (T p - t')`` (``s = grad_loss``, ``T = sum(t')``, ``t'`` the
+    smoothed target) for an incoming ``v``, in torch ops (so it differentiates again):
+
+        ``d/dz = s T (p * v - p <p, v>)``,  ``d/ds = <T p - t', v>``,
+        ``d/dt = s (1 - eps) (<p, v> - v)`` (soft targets).
+    """
+    logits, target, grad_loss = ctx.saved_tensors
+    eps = ctx.label_smoothing
+    p, t, total, valid = reference.target_distribution(logits, target, ctx.ignore_index, eps)
+    v = v.to(p.dtype)
+    s = grad_loss.to(p.dtype)[..., None]
+    pv = (p * v).sum(-1, keepdim=True)
+    grad_logits = grad_target = grad_scale = None
+    if ctx.needs_input_grad[0]:
+        grad_logits = torch.where(valid, s * total * (p * v - p * pv), 0.0).to(logits.dtype)
+    if ctx.needs_input_grad[1]:
+        grad_target = (s * (1.0 - eps) * (pv - v)).to(target.dtype)
+    if ctx.needs_input_grad[4]:
+        grad_scale = torch.where(valid, (total * p - t) * v, 0.0).sum(-1).to(grad_loss.dtype)
+    return grad_logits, grad_target, None, None, grad_scale
+
+
+softmax_xent_grad.register_autograd(_grad_backward, setup_context=_grad_setup_context)
+
+
+# --------------------------------------------------------------------------------------
+# the eager shortcut: the same formula without the custom-op autograd layer
+
+
+def _direct(tensor, op, kernel):
+    """In plain eager mode on CPU and CUDA, the registered kernel itself: the dispatcher of
+    a Python custom op costs tens of microseconds a call. The op elsewhere: other devices
+    (meta), tensor subclasses (fake, functional), under a dispatch mode or while
+    ``torch.compile`` or ``make_fx`` traces."""
+    eager = (type(tensor) is torch.Tensor and tensor.device.type in ("cpu", "cuda")
+             and not torch.compiler.is_compiling() and _current_dispatch_mode() is None)
+    return kernel if eager else op
+
+
+class _SoftmaxXent(torch.autograd.Function):
+    @staticmethod
+    def forward(logits, target, ignore_index, label_smoothing, compute_score):
+        run = _direct(logits, softmax_xent, _softmax_xent_kernel)
+        return run(logits, target, ignore_index, label_smoothing, compute_score)
+
+    setup_context = staticmethod(
+        lambda ctx, inputs, output: (_setup_context(ctx, inputs, output),
+                                     ctx.save_for_forward(inputs[0], inputs[1])))
+    backward = staticmethod(_backward)
+
+    @staticmethod
+    def jvp(ctx, d_logits, d_target, *_):
+        """Forward-mode AD: ``dloss_r = <T p - t', dz_r> - (1 - eps) <log p, dt_r>``."""
+        logits, target = ctx.saved_tensors
+        eps = ctx.label_smoothing
+        p, t, total, valid = reference.target_distribution(logits, target, ctx.ignore_index,
+                                                           eps)
+        d_loss = torch.zeros(p.shape[:-1], dtype=p.dtype, device=p.device)
+        if d_logits is not None:
+            grad = torch.where(valid, total * p - t, 0.0)
+            d_loss = d_loss + (grad * d_logits.to(p.dtype)).sum(-1)
+        if d_target is not None:
+            log_p = torch.log_softmax(logits.to(p.dtype), -1)
+            d_loss = d_loss - (1.0 - eps) * (log_p * d_target.to(p.dtype)).sum(-1)
+        return d_loss, None
+
+
+def softmax_xent_autograd(logits, target, ignore_index: int, label_smoothing: float,
+                          compute_score: bool):
+    """``softmax_xent`` with its gradient: the op under ``torch.compile``, the same formula
+    through ``_SoftmaxXent`` in eager mode."""
+    if torch.compiler.is_compiling():
+        return softmax_xent(logits, target, ignore_index, label_smoothing, compute_score)
+    return _SoftmaxXent.apply(logits, target, ignore_index, label_smoothing, compute_score)
+
+
+# --------------------------------------------------------------------------------------
+# the in-place mode
+
+
+@torch.library.custom_op("fastis::softmax_xent_", mutates_args=("logits",))
+def softmax_xent_(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    grad_scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax_xent`` with the scaled gradient written over ``logits``; ``(loss, score)``."""
+    return _torch_softmax_xent_(logits, target, ignore_index, label_smoothing, grad_scale)
+
+
+def _torch_softmax_xent_(logits, target, ignore_index, label_smoothing, grad_scale):
+    loss, score, grad = reference.softmax_xent(
+        logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        compute_grad=True, grad_scale=grad_scale)
+    logits.copy_(grad)
+    return loss, score
+
+
+@softmax_xent_.register_kernel(("cpu", "cuda"))
+def _(logits, target, ignore_index, label_smoothing, grad_scale):
+    _check_values(logits, target, ignore_index)
+    if not _triton(logits):
+        return _torch_softmax_xent_(logits, target, ignore_index, label_smoothing,
+                                    grad_scale)
+    return _kernel().softmax_xent(logits, target, ignore_index=ignore_index,
+                                  label_smoothing=label_smoothing, grad=logits,
+                                  grad_scale=_row_scale(grad_scale))
+
+
+@softmax_xent_.register_fake
+def _(logits, target, ignore_index, label_smoothing, grad_scale):
+    loss = logits.new_empty(logits.shape[:-1], dtype=_out_dtype(logits))
+    return loss, torch.empty_like(loss)
+
+
+@torch.library.custom_op("fastis::scale_rows_", mutates_args=("grad",))
+def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """``grad[r] *= scale[r]`` in place (``scale`` per row, or one scalar)."""
+    _torch_scale_rows_(grad, scale)
+
+
+def _torch_scale_rows_(grad, scale):
+    factor = scale.to(_out_dtype(grad)).reshape(() if scale.numel() == 1 else grad.shape[:-1])
+    grad.copy_(grad.to(factor.dtype) * (factor[..., None] if factor.dim() else factor))
+
+
+@scale_rows_.register_kernel(("cpu", "cuda"))
+def _(grad, scale):
+    if not _triton(grad):
+        return _torch_scale_rows_(grad, scale)
+    # rows whose factor is exactly 1 are left untouched, decided on the device
+    _kernel().scale_rows_(grad, scale)
+
+
+@scale_rows_.register_fake
+def _(grad, scale):
+    return None
+
+
+class InplaceSoftmaxXent(torch.autograd.Function):
+    """``cross_entropy(..., inplace=True)``: the gradient, scaled by each row's factor in
+    the reduction (``w_i``, and ``1 / n`` for a mean), is written over the logits in
+    forward; backward only rescales it by the incoming gradient (nothing when that is 1)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, reduction, ignore_index, label_smoothing, reduce):
+        factor = torch.ones(logits.shape[:-1], dtype=_out_dtype(logits), device=logits.device)
+        if weight is not None:
+            factor = factor * weight
+        count = count_rows(target, logits, ignore_index)
+        if reduction == "mean":
+            factor = factor / count
+        row_loss, score = softmax_xent_(logits, target, ignore_index, label_smoothing, factor)
+        loss = reduce(row_loss, weight, reduction, count)
+        # Not mark_dirty: logits are often views (a [B, T, C] matmul output), which autograd
+        # cannot rebase for a multi-output Function. The op bumps their version counter, so
+        # any other op that saved them for backward raises there instead of going wrong.
+        ctx.save_for_backward(logits, row_loss, count)
+        ctx.reduction, ctx.sequences, ctx.consumed = reduction, logits.dim() == 3, False
+        ctx.mark_non_differentiable(score)
+        return loss, score
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_score):
+        if ctx.consumed:
+            raise RuntimeError(
+                "fastis.cross_entropy(..., inplace=True) was backpropagated twice: its "
+                "gradient lives in the logits' memory and is consumed by the first backward; "
+                "use inplace=False to retain the graph")
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "fastis.cross_entropy(..., inplace=True) does not support double backward "
+                "(create_graph=True): its gradient is precomputed in the forward pass; use "
+                "inplace=False")
+        ctx.consumed = True
+        grad, row_loss, count = ctx.saved_tensors
+        grad_weight = None
+        if ctx.needs_input_grad[2]:
+            grad_weight = row_loss * grad_loss
+            if ctx.reduction == "mean":
+                grad_weight = grad_weight / count
+            if ctx.sequences:
+                grad_weight = grad_weight.sum(1, keepdim=True)
+        scale_rows_(grad, grad_loss)
+        return grad, None, grad_weight, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+
+
+def count_rows(target: torch.Tensor, logits: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Number of rows (tokens) that count in a mean, as a tensor (no synchronisation)."""
+    dtype = _out_dtype(logits)
+    if target.is_floating_point():
+        # a fill, not a host-to-device copy: stays capturable in a CUDA graph
+        return torch.full((), float(logits.shape[:-1].numel()), dtype=dtype,
+                          device=logits.device)
+    return (target != ignore_index).sum().to(dtype)
+
+
+def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raises for class indices outside ``[0, C)`` other than ``ignore_index``."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bad.any():
+        value = target[bad][0].item()
+        raise ValueError(
+            f"target contains class index {value}, outside [0, {num_classes}) "
+            f"and not ignore_index={ignore_index}"
+        )
+
