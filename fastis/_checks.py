@@ -24,15 +24,11 @@ def check_logits_target(logits, target, label_smoothing) -> None:
     if not logits.is_floating_point():
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
     if logits.dim() not in (2, 3):
-        raise ValueError(
-            f"logits must be [N, C] or [B, T, C], got shape {tuple(logits.shape)}"
-        )
+        raise ValueError(f"logits must be [N, C] or [B, T, C], got shape {tuple(logits.shape)}")
     if logits.shape[-1] == 0:
         raise ValueError(f"logits must have at least one class, got shape {tuple(logits.shape)}")
     if target.device != logits.device:
-        raise ValueError(
-            f"target is on {target.device} but logits on {logits.device}"
-        )
+        raise ValueError(f"target is on {target.device} but logits on {logits.device}")
     if target.is_floating_point():
         if target.shape != logits.shape:
             raise ValueError(
@@ -72,8 +68,7 @@ def index_arg(name: str, value) -> int:
     try:
         value = operator.index(value)
     except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") \
-            from None
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
     if not _INT64[0] <= value <= _INT64[1]:
         raise ValueError(f"{name} must fit in int64, got {value}")
     return value

@@ -97,8 +97,9 @@ def cross_entropy(
     eps = float(label_smoothing)
     if inplace:
         check_inplace(logits)
-        loss, score = InplaceSoftmaxXent.apply(logits, target, weight, reduction, ignore_index,
-                                               eps, _reduce)
+        loss, score = InplaceSoftmaxXent.apply(
+            logits, target, weight, reduction, ignore_index, eps, _reduce
+        )
     else:
         loss, score = softmax_xent_autograd(logits, target, ignore_index, eps, return_score)
         count = count_rows(target, logits, ignore_index) if reduction == "mean" else None
@@ -128,17 +129,24 @@ def check_inplace(logits: torch.Tensor) -> None:
         raise RuntimeError(
             f"fastis.cross_entropy(..., inplace=True) got {view}a leaf tensor that requires "
             "grad: writing the gradient over it would overwrite the parameter; pass the "
-            "logits computed from it, or use inplace=False")
-    if (not torch.compiler.is_compiling() and logits.is_inference()
-            and not torch.is_inference_mode_enabled()):
-        raise RuntimeError("fastis.cross_entropy(..., inplace=True) on an inference tensor "
-                           "outside inference mode (torch refuses such in-place updates)")
+            "logits computed from it, or use inplace=False"
+        )
+    if (
+        not torch.compiler.is_compiling()
+        and logits.is_inference()
+        and not torch.is_inference_mode_enabled()
+    ):
+        raise RuntimeError(
+            "fastis.cross_entropy(..., inplace=True) on an inference tensor "
+            "outside inference mode (torch refuses such in-place updates)"
+        )
     if _may_overlap(logits):
         raise RuntimeError(
             "fastis.cross_entropy(..., inplace=True): the logits' elements share memory "
             f"(shape {tuple(logits.shape)}, strides {logits.stride()}, e.g. an expanded "
             "view); in-place writes would collide. Pass a tensor of distinct elements, or "
-            "use inplace=False")
+            "use inplace=False"
+        )
 
 
 def _may_overlap(t: torch.Tensor) -> bool:
@@ -164,5 +172,6 @@ def _checked_weight(weight: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"sample_weight must be finite and non-negative, got {value}")
     # where the check would synchronise, a bad weight poisons its row instead
     weight = torch.where(valid, weight, float("nan")).to(
-        torch.float64 if logits.dtype == torch.float64 else torch.float32)
+        torch.float64 if logits.dtype == torch.float64 else torch.float32
+    )
     return weight[:, None] if sequences else weight

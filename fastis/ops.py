@@ -80,11 +80,13 @@ def softmax_xent(
 
 def _torch_softmax_xent(logits, target, ignore_index, label_smoothing, compute_score):
     if not compute_score:
-        loss = reference.cross_entropy_rows(logits, target, ignore_index=ignore_index,
-                                            label_smoothing=label_smoothing)
+        loss = reference.cross_entropy_rows(
+            logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing
+        )
         return loss, logits.new_empty(0, dtype=loss.dtype)
-    loss, score, _ = reference.softmax_xent(logits, target, ignore_index=ignore_index,
-                                            label_smoothing=label_smoothing)
+    loss, score, _ = reference.softmax_xent(
+        logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing
+    )
     return loss, score
 
 
@@ -92,10 +94,10 @@ def _torch_softmax_xent(logits, target, ignore_index, label_smoothing, compute_s
 def _softmax_xent_kernel(logits, target, ignore_index, label_smoothing, compute_score):
     _check_values(logits, target, ignore_index)
     if not _triton(logits):
-        return _torch_softmax_xent(logits, target, ignore_index, label_smoothing,
-                                   compute_score)
-    loss, score = _kernel().softmax_xent(logits, target, ignore_index=ignore_index,
-                                         label_smoothing=label_smoothing)
+        return _torch_softmax_xent(logits, target, ignore_index, label_smoothing, compute_score)
+    loss, score = _kernel().softmax_xent(
+        logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing
+    )
     return loss, score if compute_score else logits.new_empty(0, dtype=loss.dtype)
 
 
@@ -118,8 +120,11 @@ def _backward(ctx, grad_loss, grad_score):
     grad_logits = grad_target = None
     if ctx.needs_input_grad[0]:
         # through the op when a graph of the backward is wanted (it differentiates again)
-        grad_fn = softmax_xent_grad if torch.is_grad_enabled() else _direct(
-            logits, softmax_xent_grad, _softmax_xent_grad_kernel)
+        grad_fn = (
+            softmax_xent_grad
+            if torch.is_grad_enabled()
+            else _direct(logits, softmax_xent_grad, _softmax_xent_grad_kernel)
+        )
         grad_logits = grad_fn(logits, target, ignore_index, eps, grad_loss)
     if ctx.needs_input_grad[1]:  # soft targets: dloss / dt_j = -(1 - eps) log p_j
         log_p = torch.log_softmax(logits.to(_out_dtype(logits)), -1)
@@ -148,19 +153,24 @@ def softmax_xent_grad(
 
 
 def _torch_softmax_xent_grad(logits, target, ignore_index, label_smoothing, grad_loss):
-    return reference.cross_entropy_grad(logits, target, grad_loss, ignore_index=ignore_index,
-                                        label_smoothing=label_smoothing)
+    return reference.cross_entropy_grad(
+        logits, target, grad_loss, ignore_index=ignore_index, label_smoothing=label_smoothing
+    )
 
 
 @softmax_xent_grad.register_kernel(("cpu", "cuda"))
 def _softmax_xent_grad_kernel(logits, target, ignore_index, label_smoothing, grad_loss):
     if not _triton(logits):
-        return _torch_softmax_xent_grad(logits, target, ignore_index, label_smoothing,
-                                        grad_loss)
+        return _torch_softmax_xent_grad(logits, target, ignore_index, label_smoothing, grad_loss)
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    _kernel().softmax_xent(logits, target, ignore_index=ignore_index,
-                           label_smoothing=label_smoothing, grad=grad,
-                           grad_scale=_row_scale(grad_loss))
+    _kernel().softmax_xent(
+        logits,
+        target,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        grad=grad,
+        grad_scale=_row_scale(grad_loss),
+    )
     return grad
 
 
@@ -210,8 +220,12 @@ def _direct(tensor, op, kernel):
     a Python custom op costs tens of microseconds a call. The op elsewhere: other devices
     (meta), tensor subclasses (fake, functional), under a dispatch mode or while
     ``torch.compile`` or ``make_fx`` traces."""
-    eager = (type(tensor) is torch.Tensor and tensor.device.type in ("cpu", "cuda")
-             and not torch.compiler.is_compiling() and _current_dispatch_mode() is None)
+    eager = (
+        type(tensor) is torch.Tensor
+        and tensor.device.type in ("cpu", "cuda")
+        and not torch.compiler.is_compiling()
+        and _current_dispatch_mode() is None
+    )
     return kernel if eager else op
 
 
@@ -222,8 +236,11 @@ class _SoftmaxXent(torch.autograd.Function):
         return run(logits, target, ignore_index, label_smoothing, compute_score)
 
     setup_context = staticmethod(
-        lambda ctx, inputs, output: (_setup_context(ctx, inputs, output),
-                                     ctx.save_for_forward(inputs[0], inputs[1])))
+        lambda ctx, inputs, output: (
+            _setup_context(ctx, inputs, output),
+            ctx.save_for_forward(inputs[0], inputs[1]),
+        )
+    )
     backward = staticmethod(_backward)
 
     @staticmethod
@@ -231,8 +248,7 @@ class _SoftmaxXent(torch.autograd.Function):
         """Forward-mode AD: ``dloss_r = <T p - t', dz_r> - (1 - eps) <log p, dt_r>``."""
         logits, target = ctx.saved_tensors
         eps = ctx.label_smoothing
-        p, t, total, valid = reference.target_distribution(logits, target, ctx.ignore_index,
-                                                           eps)
+        p, t, total, valid = reference.target_distribution(logits, target, ctx.ignore_index, eps)
         d_loss = torch.zeros(p.shape[:-1], dtype=p.dtype, device=p.device)
         if d_logits is not None:
             grad = torch.where(valid, total * p - t, 0.0)
@@ -243,8 +259,9 @@ class _SoftmaxXent(torch.autograd.Function):
         return d_loss, None
 
 
-def softmax_xent_autograd(logits, target, ignore_index: int, label_smoothing: float,
-                          compute_score: bool):
+def softmax_xent_autograd(
+    logits, target, ignore_index: int, label_smoothing: float, compute_score: bool
+):
     """``softmax_xent`` with its gradient: the op under ``torch.compile``, the same formula
     through ``_SoftmaxXent`` in eager mode."""
     if torch.compiler.is_compiling():
@@ -270,8 +287,13 @@ def softmax_xent_(
 
 def _torch_softmax_xent_(logits, target, ignore_index, label_smoothing, grad_scale):
     loss, score, grad = reference.softmax_xent(
-        logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        compute_grad=True, grad_scale=grad_scale)
+        logits,
+        target,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        compute_grad=True,
+        grad_scale=grad_scale,
+    )
     logits.copy_(grad)
     return loss, score
 
@@ -280,11 +302,15 @@ def _torch_softmax_xent_(logits, target, ignore_index, label_smoothing, grad_sca
 def _(logits, target, ignore_index, label_smoothing, grad_scale):
     _check_values(logits, target, ignore_index)
     if not _triton(logits):
-        return _torch_softmax_xent_(logits, target, ignore_index, label_smoothing,
-                                    grad_scale)
-    return _kernel().softmax_xent(logits, target, ignore_index=ignore_index,
-                                  label_smoothing=label_smoothing, grad=logits,
-                                  grad_scale=_row_scale(grad_scale))
+        return _torch_softmax_xent_(logits, target, ignore_index, label_smoothing, grad_scale)
+    return _kernel().softmax_xent(
+        logits,
+        target,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        grad=logits,
+        grad_scale=_row_scale(grad_scale),
+    )
 
 
 @softmax_xent_.register_fake
@@ -346,12 +372,14 @@ class InplaceSoftmaxXent(torch.autograd.Function):
             raise RuntimeError(
                 "fastis.cross_entropy(..., inplace=True) was backpropagated twice: its "
                 "gradient lives in the logits' memory and is consumed by the first backward; "
-                "use inplace=False to retain the graph")
+                "use inplace=False to retain the graph"
+            )
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "fastis.cross_entropy(..., inplace=True) does not support double backward "
                 "(create_graph=True): its gradient is precomputed in the forward pass; use "
-                "inplace=False")
+                "inplace=False"
+            )
         ctx.consumed = True
         grad, row_loss, count = ctx.saved_tensors
         grad_weight = None
@@ -374,8 +402,7 @@ def count_rows(target: torch.Tensor, logits: torch.Tensor, ignore_index: int) ->
     dtype = _out_dtype(logits)
     if target.is_floating_point():
         # a fill, not a host-to-device copy: stays capturable in a CUDA graph
-        return torch.full((), float(logits.shape[:-1].numel()), dtype=dtype,
-                          device=logits.device)
+        return torch.full((), float(logits.shape[:-1].numel()), dtype=dtype, device=logits.device)
     return (target != ignore_index).sum().to(dtype)
 
 
@@ -388,4 +415,3 @@ def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int
             f"target contains class index {value}, outside [0, {num_classes}) "
             f"and not ignore_index={ignore_index}"
         )
-

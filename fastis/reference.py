@@ -52,18 +52,32 @@ def softmax_xent(
     step = max(1, _CHUNK_ELEMENTS // max(C, 1))
     scale = grad_scale.reshape(-1) if grad_scale is not None else None
     if 0 < z.shape[0] <= step:  # one chunk: no output buffers to fill (small batches)
-        loss, score, grad = _rows(z.to(compute), t, ignore_index, label_smoothing,
-                                  compute_grad, None if scale is None else scale.to(compute))
-        return (loss.view(rows), score.view(rows),
-                grad.to(z.dtype).view(logits.shape) if compute_grad else None)
+        loss, score, grad = _rows(
+            z.to(compute),
+            t,
+            ignore_index,
+            label_smoothing,
+            compute_grad,
+            None if scale is None else scale.to(compute),
+        )
+        return (
+            loss.view(rows),
+            score.view(rows),
+            grad.to(z.dtype).view(logits.shape) if compute_grad else None,
+        )
     for i in range(0, z.shape[0], step):
-        out = _rows(z[i : i + step].to(compute), t[i : i + step], ignore_index, label_smoothing,
-                    compute_grad, None if scale is None else scale[i : i + step].to(compute))
+        out = _rows(
+            z[i : i + step].to(compute),
+            t[i : i + step],
+            ignore_index,
+            label_smoothing,
+            compute_grad,
+            None if scale is None else scale[i : i + step].to(compute),
+        )
         loss[i : i + step], score[i : i + step] = out[0], out[1]
         if compute_grad:
             grad[i : i + step] = out[2]
-    return (loss.view(rows), score.view(rows),
-            grad.view(logits.shape) if compute_grad else None)
+    return (loss.view(rows), score.view(rows), grad.view(logits.shape) if compute_grad else None)
 
 
 def _rows(z, target, ignore_index, eps, compute_grad, scale):
@@ -136,15 +150,20 @@ def cross_entropy_rows(
     ``softmax_xent`` marks the row NaN) it is ``softmax_xent`` itself.
     """
     if logits.device.type != "cpu":
-        return softmax_xent(logits, target, ignore_index=ignore_index,
-                            label_smoothing=label_smoothing)[0]
+        return softmax_xent(
+            logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing
+        )[0]
     C = logits.shape[-1]
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
     z = logits.reshape(-1, C).to(compute)
-    t = target.reshape(-1, C).to(compute) if target.is_floating_point() else \
-        target.reshape(-1).long()
-    loss = torch.nn.functional.cross_entropy(z, t, reduction="none", ignore_index=ignore_index,
-                                             label_smoothing=label_smoothing)
+    t = (
+        target.reshape(-1, C).to(compute)
+        if target.is_floating_point()
+        else target.reshape(-1).long()
+    )
+    loss = torch.nn.functional.cross_entropy(
+        z, t, reduction="none", ignore_index=ignore_index, label_smoothing=label_smoothing
+    )
     if z.shape[0] and C:
         loss = loss.masked_fill_(z.amax(-1) == float("inf"), float("nan"))
         if not target.is_floating_point():
@@ -210,6 +229,7 @@ def cross_entropy_grad(
     y = torch.where(in_range, target, 0).long()[..., None]
     p = p.scatter_add_(-1, y, torch.full_like(p[..., :1], eps - 1.0))
     scale = torch.where((target == ignore_index)[..., None], 0.0, scale)
-    scale = torch.where(in_range[..., None] | (target == ignore_index)[..., None], scale,
-                        float("nan"))
+    scale = torch.where(
+        in_range[..., None] | (target == ignore_index)[..., None], scale, float("nan")
+    )
     return p.mul_(scale).to(logits.dtype)

@@ -66,8 +66,9 @@ def score(
     if target.dtype == torch.uint8:
         target = target.long()
     with torch.no_grad():
-        _, g = softmax_xent(logits.detach(), target.detach(), ignore_index,
-                            float(label_smoothing), True)
+        _, g = softmax_xent(
+            logits.detach(), target.detach(), ignore_index, float(label_smoothing), True
+        )
         if features is not None:
             g = scale_by_features(g, features.detach(), bias)
         return sequence_norm(g, logits).float()

@@ -19,8 +19,13 @@ def truth(logits, target, weight, reduction, ignore_index=-100, label_smoothing=
     C = z.shape[-1]
     t = target.double() if target.is_floating_point() else target.long()
     flat_t = t.reshape(-1, C) if t.is_floating_point() else t.reshape(-1)
-    rows = F.cross_entropy(z.reshape(-1, C), flat_t, reduction="none",
-                           ignore_index=ignore_index, label_smoothing=label_smoothing)
+    rows = F.cross_entropy(
+        z.reshape(-1, C),
+        flat_t,
+        reduction="none",
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+    )
     rows = rows.reshape(z.shape[:-1])
     if w is not None:
         rows = rows * (w[:, None] if z.dim() == 3 else w)
@@ -40,9 +45,15 @@ def truth(logits, target, weight, reduction, ignore_index=-100, label_smoothing=
 def check(logits, target, weight=None, reduction="mean", inplace=False, **kw):
     z = logits.detach().clone().requires_grad_(True)
     # inplace=True overwrites its input: hand it a copy (a non-leaf, as model outputs are)
-    loss, score = fastis.cross_entropy(z.clone() if inplace else z, target,
-                                       sample_weight=weight, reduction=reduction,
-                                       return_score=True, inplace=inplace, **kw)
+    loss, score = fastis.cross_entropy(
+        z.clone() if inplace else z,
+        target,
+        sample_weight=weight,
+        reduction=reduction,
+        return_score=True,
+        inplace=inplace,
+        **kw,
+    )
     ref_loss, ref_grads, v = truth(logits, target, weight, reduction, **kw)
     assert loss.dtype == torch.float32 and loss.shape == ref_loss.shape
     torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-5, atol=1e-6)
@@ -68,8 +79,12 @@ def check(logits, target, weight=None, reduction="mean", inplace=False, **kw):
         torch.testing.assert_close(grads[1].double(), ref_grads[1], rtol=2e-5, atol=1e-6)
     # the score from the same pass is fastis.score's, bit for bit
     assert not score.requires_grad
-    same = fastis.score(logits, target, ignore_index=kw.get("ignore_index", -100),
-                        label_smoothing=kw.get("label_smoothing", 0.0))
+    same = fastis.score(
+        logits,
+        target,
+        ignore_index=kw.get("ignore_index", -100),
+        label_smoothing=kw.get("label_smoothing", 0.0),
+    )
     torch.testing.assert_close(score, same, rtol=0, atol=0, equal_nan=True)
 
 
@@ -166,8 +181,9 @@ def test_inplace_overwrites_logits_with_the_gradient(backend, device):
 def test_inplace_refuses_when_the_logits_are_needed_elsewhere(backend, device):
     z = torch.randn(4, 3, device=device, requires_grad=True)
     probs = torch.sigmoid(z * 1)  # sigmoid saves its output for backward
-    loss = fastis.cross_entropy(probs, torch.zeros(4, dtype=torch.long, device=device),
-                                inplace=True)
+    loss = fastis.cross_entropy(
+        probs, torch.zeros(4, dtype=torch.long, device=device), inplace=True
+    )
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (loss + probs.sum()).backward()
 
@@ -181,9 +197,12 @@ def test_gradcheck_torch_path(monkeypatch):
     soft = torch.softmax(torch.randn(5, 4, generator=g, dtype=torch.float64), 1)
     for reduction in REDUCTIONS:
         for target, eps in ((y, 0.0), (y, 0.3), (soft, 0.1)):
+
             def f(z, w, target=target, eps=eps, reduction=reduction):
-                return fastis.cross_entropy(z, target, sample_weight=w, reduction=reduction,
-                                            label_smoothing=eps)
+                return fastis.cross_entropy(
+                    z, target, sample_weight=w, reduction=reduction, label_smoothing=eps
+                )
+
             assert torch.autograd.gradcheck(f, (z, w))
 
 
@@ -195,8 +214,9 @@ def test_opcheck_with_autograd(backend, device):
         torch.library.opcheck(ops.softmax_xent.default, (z, y, -100, 0.0, compute_score))
     grad_loss = torch.rand(6, device=device, requires_grad=True)
     torch.library.opcheck(ops.softmax_xent_grad.default, (z, y, -100, 0.1, grad_loss))
-    torch.library.opcheck(ops.softmax_xent_.default,
-                          (z.detach().clone(), y, -100, 0.1, torch.rand(6, device=device)))
+    torch.library.opcheck(
+        ops.softmax_xent_.default, (z.detach().clone(), y, -100, 0.1, torch.rand(6, device=device))
+    )
     for scale in (torch.rand(6, device=device), torch.tensor(2.0, device=device)):
         torch.library.opcheck(ops.scale_rows_.default, (z.detach().clone(), scale))
 
@@ -204,15 +224,17 @@ def test_opcheck_with_autograd(backend, device):
 @pytest.mark.parametrize("inplace", [False, True], ids=["", "inplace"])
 def test_compiled_training_step(backend, device, inplace):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
-                                torch.nn.Linear(16, 5)).to(device)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5)).to(
+        device
+    )
     x = torch.randn(12, 8, device=device)
     y = torch.randint(0, 5, (12,), device=device)
     w = torch.rand(12, device=device)
 
     def step(x, y, w):
-        loss, score = fastis.cross_entropy(model(x), y, sample_weight=w, return_score=True,
-                                           inplace=inplace)
+        loss, score = fastis.cross_entropy(
+            model(x), y, sample_weight=w, return_score=True, inplace=inplace
+        )
         return loss, score
 
     compiled = torch.compile(step, fullgraph=True)
@@ -249,8 +271,7 @@ def test_bad_weights_raise_on_cpu(bad):
     w = torch.ones(4)
     w[2] = bad
     with pytest.raises(ValueError, match="sample_weight must be finite and non-negative"):
-        fastis.cross_entropy(torch.randn(4, 3), torch.zeros(4, dtype=torch.long),
-                             sample_weight=w)
+        fastis.cross_entropy(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), sample_weight=w)
 
 
 def test_bad_weights_poison_their_row_where_unchecked(backend, device):
@@ -269,8 +290,11 @@ def test_bad_weights_poison_their_row_where_unchecked(backend, device):
     [
         ({"sample_weight": torch.ones(3)}, ValueError, r"sample_weight must have shape \(4,\)"),
         ({"sample_weight": torch.ones(4, 1)}, ValueError, "sample_weight must have shape"),
-        ({"sample_weight": torch.ones(4, dtype=torch.long)}, TypeError,
-         "sample_weight must be floating"),
+        (
+            {"sample_weight": torch.ones(4, dtype=torch.long)},
+            TypeError,
+            "sample_weight must be floating",
+        ),
         ({"sample_weight": torch.ones(4, device="meta")}, ValueError, "sample_weight is on meta"),
         ({"reduction": "avg"}, ValueError, "reduction must be one of"),
         ({"label_smoothing": -0.1}, ValueError, "label_smoothing"),
@@ -283,8 +307,9 @@ def test_bad_input(kwargs, error, match):
 
 def test_bad_input_sequences():
     with pytest.raises(ValueError, match=r"sample_weight must have shape \(2,\)"):
-        fastis.cross_entropy(torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long),
-                             sample_weight=torch.ones(6))
+        fastis.cross_entropy(
+            torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long), sample_weight=torch.ones(6)
+        )
     with pytest.raises(ValueError, match="class index 5"):
         fastis.cross_entropy(torch.randn(2, 3, 5), torch.full((2, 3), 5))
 
@@ -304,8 +329,9 @@ def test_bad_input_sequences():
 def test_property(backend, device, N, T, C, dtype, soft, weighted, reduction, eps, seed):
     inplace = seed % 2 == 1
     shape = (N, C) if T is None else (N, T, C)
-    logits, target, weight = make(shape, dtype, device, seed, soft=soft, ignore=0.2,
-                                  weighted=weighted)
+    logits, target, weight = make(
+        shape, dtype, device, seed, soft=soft, ignore=0.2, weighted=weighted
+    )
     if reduction == "mean" and not soft and (target == -100).all():
         target.view(-1)[0] = 0  # an all-ignored mean is NaN, tested on its own
     check(logits, target, weight, reduction, inplace=inplace, label_smoothing=eps)
@@ -361,12 +387,14 @@ def test_expanded_logits_get_the_summed_gradient(backend, device):
 @pytest.mark.parametrize("eps", [0.0, 0.2])
 def test_double_backward_matches_torch(backend, device, soft, eps):
     # a gradient penalty: d/dz and d/dw of ||dloss/dz||^2, float32 on the kernel path
-    logits, target, weight = make((6, 7), torch.float32, device, seed=11, soft=soft,
-                                  ignore=0.2)
+    logits, target, weight = make((6, 7), torch.float32, device, seed=11, soft=soft, ignore=0.2)
     results = []
     for fn in (fastis.cross_entropy, None):
-        z = logits.detach().double().clone().requires_grad_(True) if fn is None else \
-            logits.detach().clone().requires_grad_(True)
+        z = (
+            logits.detach().double().clone().requires_grad_(True)
+            if fn is None
+            else logits.detach().clone().requires_grad_(True)
+        )
         w = weight.detach().to(z.dtype).clone().requires_grad_(True)
         t = target.to(z.dtype) if soft else target
         if fn is None:
@@ -389,18 +417,22 @@ def test_gradgradcheck_float64(backend, device):
     soft = torch.softmax(torch.randn(5, 4, generator=g, dtype=torch.float64), 1).to(device)
     soft.requires_grad_(True)
     for target, eps in ((y, 0.0), (y, 0.3), (soft, 0.1)):
+
         def f(z, w, target=target, eps=eps):
             return fastis.cross_entropy(z, target, sample_weight=w, label_smoothing=eps)
+
         assert torch.autograd.gradcheck(f, (z, w))
         assert torch.autograd.gradgradcheck(f, (z, w))
-    assert torch.autograd.gradcheck(lambda t: fastis.cross_entropy(z, t, label_smoothing=0.1),
-                                    (soft,))
+    assert torch.autograd.gradcheck(
+        lambda t: fastis.cross_entropy(z, t, label_smoothing=0.1), (soft,)
+    )
 
 
 def test_inplace_refuses_double_backward(backend, device):
     z = torch.randn(4, 3, device=device, requires_grad=True)
-    loss = fastis.cross_entropy(z * 1, torch.zeros(4, dtype=torch.long, device=device),
-                                inplace=True)
+    loss = fastis.cross_entropy(
+        z * 1, torch.zeros(4, dtype=torch.long, device=device), inplace=True
+    )
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(loss, z, create_graph=True)
 
@@ -420,16 +452,22 @@ def test_forward_mode_ad_matches_torch(backend, device):
     logits, target, weight = make((5, 6), torch.float32, device, seed=14, ignore=0.2)
     v = torch.randn_like(logits)
     for tgt in (target, torch.softmax(torch.randn_like(logits), -1)):
-        ours = torch.func.jvp(lambda z, t=tgt: fastis.cross_entropy(z, t, label_smoothing=0.1),
-                              (logits,), (v,))
-        ref = torch.func.jvp(lambda z, t=tgt: F.cross_entropy(z, t, label_smoothing=0.1),
-                             (logits,), (v,))
+        ours = torch.func.jvp(
+            lambda z, t=tgt: fastis.cross_entropy(z, t, label_smoothing=0.1), (logits,), (v,)
+        )
+        ref = torch.func.jvp(
+            lambda z, t=tgt: F.cross_entropy(z, t, label_smoothing=0.1), (logits,), (v,)
+        )
         torch.testing.assert_close(ours, ref)
 
 
 def test_float64_stays_float64(backend, device):
-    z = torch.tensor([[1e39, 0.0, -3.0], [0.5, 1e-300, 2.0]], dtype=torch.float64,
-                     device=device, requires_grad=True)
+    z = torch.tensor(
+        [[1e39, 0.0, -3.0], [0.5, 1e-300, 2.0]],
+        dtype=torch.float64,
+        device=device,
+        requires_grad=True,
+    )
     y = torch.tensor([1, 2], device=device)
     loss, score = fastis.cross_entropy(z, y, reduction="none", return_score=True)
     ref = F.cross_entropy(z, y, reduction="none")
@@ -445,15 +483,17 @@ def test_float64_stays_float64(backend, device):
 def test_uint8_targets_like_torch(backend, device):
     logits, target, _ = make((7, 5), torch.float32, device, seed=16)
     ours = fastis.cross_entropy(logits, target.to(torch.uint8), reduction="none")
-    torch.testing.assert_close(ours, F.cross_entropy(logits, target.to(torch.uint8),
-                                                     reduction="none"))
+    torch.testing.assert_close(
+        ours, F.cross_entropy(logits, target.to(torch.uint8), reduction="none")
+    )
 
 
 def test_meta_tensors_give_meta_results():
     z = torch.randn(4, 3, device="meta")
     y = torch.zeros(4, dtype=torch.long, device="meta")
-    loss, score = fastis.cross_entropy(z, y, sample_weight=torch.ones(4, device="meta"),
-                                       return_score=True)
+    loss, score = fastis.cross_entropy(
+        z, y, sample_weight=torch.ones(4, device="meta"), return_score=True
+    )
     assert loss.device.type == "meta" and loss.shape == () and score.shape == (4,)
     assert fastis.score(z, y).shape == (4,)
     assert fastis.cross_entropy(z, y, reduction="none").shape == (4,)

@@ -22,8 +22,13 @@ def truth(logits, target, *, ignore_index=-100, label_smoothing=0.0, features=No
     z = logits.detach().double().requires_grad_(True)
     t = target.double() if target.is_floating_point() else target.long()
     flat_t = t.reshape(-1, z.shape[-1]) if t.is_floating_point() else t.reshape(-1)
-    loss = F.cross_entropy(z.reshape(-1, z.shape[-1]), flat_t, reduction="sum",
-                           ignore_index=ignore_index, label_smoothing=label_smoothing)
+    loss = F.cross_entropy(
+        z.reshape(-1, z.shape[-1]),
+        flat_t,
+        reduction="sum",
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+    )
     (grad,) = torch.autograd.grad(loss, z)
     g = torch.linalg.vector_norm(grad, dim=-1)
     if features is not None:
@@ -44,12 +49,14 @@ def check(logits, target, expected=None, rtol=RTOL, **kw):
 
 def random_logits(shape, dtype, device, scale=3.0, generator=None):
     return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(
-        device=device, dtype=dtype)
+        device=device, dtype=dtype
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("N,C", [(7, 1), (5, 2), (9, 3), (33, 10), (6, 1000), (2, 50257),
-                                 (2, 131072)])
+@pytest.mark.parametrize(
+    "N,C", [(7, 1), (5, 2), (9, 3), (33, 10), (6, 1000), (2, 50257), (2, 131072)]
+)
 def test_matches_float64(backend, device, dtype, N, C):
     g = torch.Generator().manual_seed(N * C)
     logits = random_logits((N, C), dtype, device, generator=g)
@@ -64,8 +71,9 @@ def test_reference_agrees_with_autograd():
     target = torch.randint(0, 37, (64,), generator=g)
     target[::7] = -100
     for eps in (0.0, 0.1, 1.0):
-        loss, score, grad = reference.softmax_xent(logits, target, label_smoothing=eps,
-                                                   compute_grad=True)
+        loss, score, grad = reference.softmax_xent(
+            logits, target, label_smoothing=eps, compute_grad=True
+        )
         z = logits.clone().requires_grad_(True)
         ref_loss = F.cross_entropy(z, target, reduction="none", label_smoothing=eps)
         (ref_grad,) = torch.autograd.grad(ref_loss.sum(), z)
@@ -182,8 +190,7 @@ def test_features_give_exact_last_layer_norm(backend, device, bias):
     target = torch.randint(0, 9, (16,), generator=g)
     target[4] = -100
     logits, expected = _per_sample_linear_grad_norms(h, target, bias)
-    got = fastis.score(logits.float().to(device), target.to(device), features=h.float(),
-                       bias=bias)
+    got = fastis.score(logits.float().to(device), target.to(device), features=h.float(), bias=bias)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -219,12 +226,15 @@ def test_nonfinite_logits(backend, device):
 
 
 def test_empty_batches(backend, device):
-    assert fastis.score(torch.randn(0, 5, device=device),
-                        torch.zeros(0, dtype=torch.long, device=device)).shape == (0,)
-    assert fastis.score(torch.randn(0, 3, 5, device=device),
-                        torch.zeros(0, 3, dtype=torch.long, device=device)).shape == (0,)
-    got = fastis.score(torch.randn(2, 0, 5, device=device),
-                       torch.zeros(2, 0, dtype=torch.long, device=device))
+    assert fastis.score(
+        torch.randn(0, 5, device=device), torch.zeros(0, dtype=torch.long, device=device)
+    ).shape == (0,)
+    assert fastis.score(
+        torch.randn(0, 3, 5, device=device), torch.zeros(0, 3, dtype=torch.long, device=device)
+    ).shape == (0,)
+    got = fastis.score(
+        torch.randn(2, 0, 5, device=device), torch.zeros(2, 0, dtype=torch.long, device=device)
+    )
     assert got.tolist() == [0.0, 0.0]
 
 
@@ -266,27 +276,67 @@ def test_kernel_marks_out_of_range_rows_nan(device):
     "logits,target,kwargs,error,match",
     [
         (torch.randn(4), torch.zeros(4, dtype=torch.long), {}, ValueError, r"\[N, C\]"),
-        (torch.randn(2, 3, 4, 5), torch.zeros(2, 3, 4, dtype=torch.long), {}, ValueError,
-         r"\[N, C\]"),
+        (
+            torch.randn(2, 3, 4, 5),
+            torch.zeros(2, 3, 4, dtype=torch.long),
+            {},
+            ValueError,
+            r"\[N, C\]",
+        ),
         (torch.randn(4, 0), torch.zeros(4, dtype=torch.long), {}, ValueError, "one class"),
         (torch.randn(4, 3), torch.zeros(5, dtype=torch.long), {}, ValueError, r"shape \(4,\)"),
-        (torch.randn(2, 4, 3), torch.zeros(2, 5, dtype=torch.long), {}, ValueError,
-         r"shape \(2, 4\)"),
+        (
+            torch.randn(2, 4, 3),
+            torch.zeros(2, 5, dtype=torch.long),
+            {},
+            ValueError,
+            r"shape \(2, 4\)",
+        ),
         (torch.randn(4, 3), torch.zeros(4, 2), {}, ValueError, "soft"),
-        (torch.randint(0, 3, (4, 3)), torch.zeros(4, dtype=torch.long), {}, TypeError,
-         "logits must be floating"),
-                (torch.randn(4, 3), torch.zeros(4, dtype=torch.bool), {}, TypeError, "int64/int32"),
+        (
+            torch.randint(0, 3, (4, 3)),
+            torch.zeros(4, dtype=torch.long),
+            {},
+            TypeError,
+            "logits must be floating",
+        ),
+        (torch.randn(4, 3), torch.zeros(4, dtype=torch.bool), {}, TypeError, "int64/int32"),
         (torch.randn(4, 3), [0, 1, 2, 0], {}, TypeError, "target must be a tensor"),
-        (torch.randn(4, 3), torch.zeros(4, dtype=torch.long, device="meta"), {}, ValueError,
-         "target is on meta"),
-        (torch.randn(4, 3), torch.zeros(4, dtype=torch.long), {"label_smoothing": 1.5},
-         ValueError, "label_smoothing"),
-        (torch.randn(4, 3), torch.zeros(4, dtype=torch.long), {"features": torch.randn(3, 2)},
-         ValueError, r"features must have shape \(4, 'D'\)"),
-        (torch.randn(4, 3), torch.zeros(4, dtype=torch.long), {"features": torch.randn(4)},
-         ValueError, "features must have shape"),
-        (torch.randn(4, 3), torch.zeros(4, dtype=torch.long),
-         {"features": torch.ones(4, 2, dtype=torch.long)}, TypeError, "features must be float"),
+        (
+            torch.randn(4, 3),
+            torch.zeros(4, dtype=torch.long, device="meta"),
+            {},
+            ValueError,
+            "target is on meta",
+        ),
+        (
+            torch.randn(4, 3),
+            torch.zeros(4, dtype=torch.long),
+            {"label_smoothing": 1.5},
+            ValueError,
+            "label_smoothing",
+        ),
+        (
+            torch.randn(4, 3),
+            torch.zeros(4, dtype=torch.long),
+            {"features": torch.randn(3, 2)},
+            ValueError,
+            r"features must have shape \(4, 'D'\)",
+        ),
+        (
+            torch.randn(4, 3),
+            torch.zeros(4, dtype=torch.long),
+            {"features": torch.randn(4)},
+            ValueError,
+            "features must have shape",
+        ),
+        (
+            torch.randn(4, 3),
+            torch.zeros(4, dtype=torch.long),
+            {"features": torch.ones(4, 2, dtype=torch.long)},
+            TypeError,
+            "features must be float",
+        ),
     ],
 )
 def test_bad_input(logits, target, kwargs, error, match):
@@ -312,10 +362,11 @@ def test_compiles_fullgraph(backend, device):
 
 def test_opcheck(backend, device):
     z = torch.randn(5, 13, device=device)
-    for target in (torch.randint(0, 13, (5,), device=device),
-                   torch.softmax(torch.randn(5, 13, device=device), 1)):
-        torch.library.opcheck(torch.ops.fastis.softmax_xent.default,
-                              (z, target, -100, 0.1, True))
+    for target in (
+        torch.randint(0, 13, (5,), device=device),
+        torch.softmax(torch.randn(5, 13, device=device), 1),
+    ):
+        torch.library.opcheck(torch.ops.fastis.softmax_xent.default, (z, target, -100, 0.1, True))
 
 
 @settings(max_examples=30)
@@ -342,8 +393,15 @@ def test_property(backend, device, rows, T, C, dtype, soft, eps, scale, seed):
     check(logits, target, label_smoothing=eps, rtol=5e-5 if not math.isclose(scale, 30) else 1e-4)
 
 
-@pytest.mark.parametrize("dtypes", [(torch.float64, torch.float64), (torch.float32, torch.float64),
-                                    (torch.float64, torch.float32), (torch.bfloat16, torch.float64)])
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        (torch.float64, torch.float64),
+        (torch.float32, torch.float64),
+        (torch.float64, torch.float32),
+        (torch.bfloat16, torch.float64),
+    ],
+)
 def test_features_of_any_float_dtype(backend, device, dtypes):
     g = torch.Generator().manual_seed(17)
     logits = torch.randn(4, 3, generator=g, dtype=torch.float64).to(device, dtypes[0])
@@ -360,8 +418,9 @@ def test_uint8_targets(backend, device):
     g = torch.Generator().manual_seed(18)
     logits = random_logits((6, 4), torch.float32, device, generator=g)
     target = torch.randint(0, 4, (6,), generator=g).to(device)
-    torch.testing.assert_close(fastis.score(logits, target.to(torch.uint8)),
-                               fastis.score(logits, target))
+    torch.testing.assert_close(
+        fastis.score(logits, target.to(torch.uint8)), fastis.score(logits, target)
+    )
 
 
 @pytest.mark.parametrize(
