@@ -1,10 +1,10 @@
 """fastis.AliasTable / fastis.sample against torch.multinomial and numpy's choice (CPU).
 
 Run: ``python -m pytest bench/test_bench_alias.py --benchmark-json=out.json`` and
-``python bench/report.py out.json`` for the ratio table (``bench/results/alias_cpu.md``).
+``python -m bench.report out.json`` for the ratio table (``bench/results/alias_cpu.md``).
 The default grid takes a couple of minutes on a 2-core machine; ``FASTIS_BENCH_FULL=1``
 adds N up to 2^26 and n up to 2^22 (several minutes, ~10 GiB). GPU timings come from
-``bench/gpu_alias.py``.
+``python -m bench.gpu_check --parts alias`` (``bench/gpu_alias.py``).
 
 Groups (the first provider of each is the baseline of the report's ratios):
 

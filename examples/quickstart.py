@@ -2,7 +2,8 @@
 
 A small MLP learns a synthetic 20-class problem; each step logs the spread of the
 per-sample scores as ``tau = sqrt(n * sum g^2) / sum g`` (1 for equal scores), the quantity
-that decides whether importance sampling would pay (``../shared/DESIGN.md`` section 2).
+that decides whether importance sampling would pay (the README's "Training with importance
+sampling").
 Runs in seconds on a CPU: ``python examples/quickstart.py``.
 """
 
@@ -30,8 +31,9 @@ def main() -> None:
     x, y = x.to(args.device), y.to(args.device)
 
     torch.manual_seed(args.seed)
-    model = torch.nn.Sequential(torch.nn.Linear(d, 128), torch.nn.ReLU(),
-                                torch.nn.Linear(128, classes)).to(args.device)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(d, 128), torch.nn.ReLU(), torch.nn.Linear(128, classes)
+    ).to(args.device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     start = time.perf_counter()
     for step in range(args.steps):
@@ -44,13 +46,17 @@ def main() -> None:
         opt.step()
         if step % 50 == 0 or step == args.steps - 1:
             tau = (scores.square().sum() * len(scores)).sqrt() / scores.sum()
-            print(f"step {step:4d}  loss {loss.item():.4f}  score mean {scores.mean():.4f}  "
-                  f"max {scores.max():.4f}  tau {tau:.2f}")
+            print(
+                f"step {step:4d}  loss {loss.item():.4f}  score mean {scores.mean():.4f}  "
+                f"max {scores.max():.4f}  tau {tau:.2f}"
+            )
     with torch.no_grad():
         full = fastis.score(model(x), y)
     top = full.sort().values[-n // 100 :].sum() / full.sum()
-    print(f"done in {time.perf_counter() - start:.1f} s; training-set scores: mean "
-          f"{full.mean():.4f}, the top 1% of examples hold {top:.0%} of the total")
+    print(
+        f"done in {time.perf_counter() - start:.1f} s; training-set scores: mean "
+        f"{full.mean():.4f}, the top 1% of examples hold {top:.0%} of the total"
+    )
 
 
 if __name__ == "__main__":

@@ -38,30 +38,56 @@ PROB_DTYPE = torch.float64
 SEQUENTIAL_SCAN_DEVICES = ("cpu",)
 
 
-def _cumsum(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Inclusive prefix sums along the last dimension (a seam for the tests' scan)."""
-    return torch.cumsum(x, -1, dtype=dtype)
+def _cumsum(x: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, bool]:
+    """Inclusive prefix sums along the last dimension, and whether the scan was sequential
+    (then exactly flat wherever the increment is 0).
+
+    A function of its own so that a test can put a parallel scan here: every scan a CPU
+    runs (torch's, numpy's) is sequential and never shows the rounding ``_flat`` removes,
+    so without a GPU an emulated parallel scan is the only way to reach that code with the
+    hazard present (on CUDA, the tests also run the real scan).
+    """
+    return torch.cumsum(x, -1, dtype=dtype), x.device.type in SEQUENTIAL_SCAN_DEVICES
 
 
 def _flat(c: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """``c`` where each position takes the value at the last position ``<=`` it at which
     ``step`` is True (0 before the first): a prefix sum moves only where its increment is
-    positive. No-op for sequential scans (not called for them)."""
+    positive. Not needed (not called) after a sequential scan."""
     idx = torch.arange(c.shape[-1], device=c.device).expand(c.shape)
     last = torch.where(step, idx, -1).cummax(-1).values
     return torch.where(last >= 0, c.gather(-1, last.clamp_min(0)), 0.0)
 
 
 def _scan(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    c = _cumsum(x, dtype)
-    if c.device.type not in SEQUENTIAL_SCAN_DEVICES:
-        c = _flat(c, x > 0)
-    return c
+    c, sequential = _cumsum(x, dtype)
+    return c if sequential else _flat(c, x > 0)
 
 
 def index_dtype(n: int) -> torch.dtype:
     """Smallest index dtype that holds 0..n-1 (int32 up to 2^31 - 1 items)."""
     return torch.int32 if n <= 2**31 - 1 else torch.int64
+
+
+def allocate(
+    shape: torch.Size,
+    device: torch.device,
+    out_prob: torch.Tensor | None = None,
+    out_alias: torch.Tensor | None = None,
+    out_probs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A table's buffers for weights of ``shape`` (``[N]`` or ``[R, N]``): ``prob`` float64,
+    ``alias`` ``index_dtype(N)`` and ``probs`` float64; each ``out_*`` given (a rebuild
+    reuses the table's) is returned instead of a new one. Every builder allocates here."""
+
+    def new(dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    return (
+        new(PROB_DTYPE) if out_prob is None else out_prob,
+        new(index_dtype(shape[-1])) if out_alias is None else out_alias,
+        new(torch.float64) if out_probs is None else out_probs,
+    )
 
 
 def build(
@@ -81,15 +107,15 @@ def build(
     On the CPU the lights and heavies are compacted and only the heavies search (``K``
     sorted searches into the ``L`` lights' prefix sums); the lights' partners then follow
     from one counting pass. On CUDA, and for a batch ``[R, N]`` (one table per row), it is
-    ``build_dense`` (no data-dependent shapes).
+    ``build_dense`` (no data-dependent shapes). Meta weights give meta buffers of the
+    table's shapes and dtypes (no values).
     """
-    if weights.is_cuda or weights.dim() != 1:
+    if weights.is_cuda or weights.is_meta or weights.dim() != 1:
         return build_dense(weights, out_prob=out_prob, out_alias=out_alias, out_probs=out_probs)
     n = weights.shape[0]
     dev = weights.device
+    prob, alias, out_probs = allocate(weights.shape, dev, out_prob, out_alias, out_probs)
     w = weights.to(torch.float64)
-    if out_probs is None:
-        out_probs = torch.empty(n, dtype=torch.float64, device=dev)
     probs = torch.div(w, w.sum(), out=out_probs)
     del w
     q = probs * n
@@ -97,8 +123,6 @@ def build(
     li = light.nonzero().squeeze(1)
     hi = light.logical_not_().nonzero().squeeze(1)
     del light
-    prob = out_prob if out_prob is not None else torch.empty(n, dtype=PROB_DTYPE, device=dev)
-    alias = out_alias if out_alias is not None else torch.empty(n, dtype=index_dtype(n), device=dev)
     prob.copy_(q)  # lights keep q; heavies are overwritten below
     n_light, n_heavy = li.shape[0], hi.shape[0]
     if n_heavy == 0 or n_light == 0:  # all q == 1 up to rounding: every bucket is its own
@@ -143,9 +167,10 @@ def build_dense(
     distributions (every operation runs along the last dimension, one table per row)."""
     n = weights.shape[-1]
     dev = weights.device
+    out_prob, out_alias, out_probs = allocate(weights.shape, dev, out_prob, out_alias, out_probs)
+    if weights.is_meta or weights.numel() == 0:  # no values to compute (meta, or no rows)
+        return out_prob, out_alias, out_probs
     w = weights.to(torch.float64)
-    if out_probs is None:
-        out_probs = torch.empty(weights.shape, dtype=torch.float64, device=dev)
     probs = torch.div(w, w.sum(-1, keepdim=True), out=out_probs)
     del w
     q = probs * n
@@ -175,11 +200,7 @@ def build_dense(
     r = torch.where(found, (1.0 + h - a_at).clamp_(0.0, 1.0), 1.0)
     del a_at, h
     self_idx = torch.arange(n, device=dev, dtype=torch.int64)
-    if out_prob is None:
-        out_prob = torch.empty(weights.shape, dtype=PROB_DTYPE, device=dev)
     prob = torch.where(light, q, r, out=out_prob)
-    if out_alias is None:
-        out_alias = torch.empty(weights.shape, dtype=index_dtype(n), device=dev)
     alias = out_alias.copy_(torch.where(target < n, target, self_idx))
     return prob, alias, probs
 

@@ -12,11 +12,13 @@ Which implementation runs is ``fastis._backend.use_triton``'s choice (``FASTIS_B
 Triton for CUDA tensors, the plain-torch path otherwise.
 
 Synchronisation: on CUDA, building an ``AliasTable`` checks the weights' values with one
-host synchronisation (documented, once per table); drawing never synchronises, and neither
-does ``sample`` (it checks shapes and dtypes only; see its docstring for what values it
-does not check on CUDA).
-"""
+host synchronisation (documented, once per table), and so does ``load_state_dict``;
+drawing never synchronises, and neither does ``sample`` (it checks shapes and dtypes only;
+see its docstring for what values it does not check on CUDA).
 
+As ``torch.multinomial`` does: ``n`` is a Python int, a batch of ``R = 0`` rows gives empty
+``[0, n]`` draws, meta tensors give meta results of the right shapes.
+"""
 
 import torch
 
@@ -46,11 +48,15 @@ def _method(triton: bool, num: int, n: int) -> str:
     return "table" if n >= num // inv_slope + offset else "icdf"
 
 
+def _triton_for(weights: torch.Tensor) -> bool:
+    """True where the Triton kernels run: 1-D tables and draws that ``use_triton`` sends
+    there. Meta tensors (shapes only) always take the torch path, which handles them."""
+    return weights.dim() == 1 and not weights.is_meta and use_triton(weights)
+
+
 def _builder(weights: torch.Tensor):
-    """The table builder for ``weights``: Triton for 1-D where ``use_triton`` says so."""
-    if weights.dim() == 1 and use_triton(weights):
-        return _triton_alias().build
-    return _alias_torch.build
+    """The table builder for ``weights``."""
+    return _triton_alias().build if _triton_for(weights) else _alias_torch.build
 
 
 def _triton_alias():
@@ -73,9 +79,9 @@ def _check_weights(weights, *, check_values: bool) -> None:
         raise ValueError(
             f"weights must be 1-D [N] or a batch [R, N], got shape {tuple(weights.shape)}"
         )
-    if weights.numel() == 0:
+    if weights.shape[-1] == 0:
         raise ValueError(
-            f"weights must hold at least one category (and row), got shape {tuple(weights.shape)}"
+            f"weights must hold at least one category, got shape {tuple(weights.shape)}"
         )
     if check_values:
         _check_values(weights.detach())
@@ -86,7 +92,10 @@ def _check_values(w: torch.Tensor, total: torch.Tensor | None = None) -> None:
 
     One ``min`` (NaN propagates), the float64 sum (``total``, when the caller has it) and
     one synchronisation on CUDA; naming the problem and its index runs only on failure.
+    Meta tensors and batches of no rows have no values to check.
     """
+    if w.is_meta or w.numel() == 0:
+        return
     if total is None:
         total = w.sum(-1, dtype=torch.float64)
     if bool((w.min() >= 0) & (total > 0).all() & total.isfinite().all()):
@@ -110,6 +119,27 @@ def _first(mask: torch.Tensor) -> int:
     return int(mask.reshape(-1).nonzero()[0, 0])
 
 
+# The most draws one call can return: int64 indices (and float64 probabilities) whose byte
+# count still fits torch's int64 storage size.
+MAX_DRAWS = (2**63 - 1) // 8
+
+
+def _draws_arg(n, rows: int) -> int:
+    """``n`` as a Python int in ``[0, MAX_DRAWS / rows]``. Tensors are refused, as
+    ``torch.multinomial``'s ``num_samples`` is an int: reading a CUDA tensor would
+    synchronise, and a shape that depends on tensor data does not trace."""
+    if isinstance(n, torch.Tensor):
+        raise TypeError(f"n must be a Python int, got a tensor ({n!r}); pass int(n)")
+    n = int_arg("n", n, minimum=0)
+    if n * max(rows, 1) > MAX_DRAWS:
+        per_row = f" per row for {rows} rows" if rows > 1 else ""
+        raise ValueError(
+            f"n = {n} draws{per_row} is too many: the output would overflow a tensor's "
+            f"storage size (at most {MAX_DRAWS} elements of 8 bytes)"
+        )
+    return n
+
+
 def _check_generator(generator, device: torch.device) -> None:
     if generator is None:
         return
@@ -129,22 +159,28 @@ class AliasTable:
     Built from 1-D non-negative floating ``weights`` (any device; float16/bfloat16/float32/
     float64; ``N`` from 1 to 2^31 - 1 and beyond where memory allows), on the weights'
     device; or from a batch ``[R, N]``: one table per row, ``sample(n)`` then returns
-    ``[R, n]`` (the plain-torch path on every backend). Sums and the table are float64:
-    the table's implied distribution, ``(prob[k] + sum_{i: alias[i] = k} (1 - prob[i])) / N``,
-    equals ``w_k / sum(w)`` to float64 rounding of prefix sums (relative error
-    ~ N * 2^-53 at worst, for the heaviest items; measured 1.1e-8 at N = 2^26 with weights
-    over 30 orders of magnitude). Items of weight 0 are never drawn.
+    ``[R, n]`` (the plain-torch path on every backend; ``R = 0`` gives an empty table).
+    Sums and the table are float64: the table's implied distribution,
+    ``(prob[k] + sum_{i: alias[i] = k} (1 - prob[i])) / N``, equals ``w_k / sum(w)`` to
+    float64 rounding of prefix sums (relative error ~ N * 2^-53 at worst, for the heaviest
+    items; measured 1.1e-8 at N = 2^26 with weights over 30 orders of magnitude). Items of
+    weight 0 are never drawn. Meta weights give a table of meta tensors (shapes and dtypes
+    only), whose draws are meta tensors of the right shape.
 
     Args:
         weights: ``[N]`` (or ``[R, N]``) floating, non-negative, finite, not all zero (per
-            row). Integer weights are refused (``TypeError``); convert with
-            ``weights.double()``. Checked with one host synchronisation on CUDA (at build
-            time only).
+            row). Integer and bool weights are refused (``TypeError``), as by
+            ``torch.multinomial``; convert with ``weights.double()``. Checked with one host
+            synchronisation on CUDA (at build time only).
 
     Attributes:
         probs: ``[N]`` (``[R, N]``) float64, the normalised probabilities ``w / sum(w)``.
         prob: ``[N]`` float64, the probability of keeping bucket ``i``.
         alias: ``[N]`` int32 (int64 past 2^31 - 1 items), the bucket's other item.
+
+    These tensors, and those ``state_dict()`` returns, are the table's own buffers (live
+    references, as ``torch.nn.Module.state_dict`` returns): ``rebuild`` with the same shape
+    and device overwrites them in place. Clone them to keep a snapshot.
 
     Memory: 20 bytes per category (probs, prob, alias), plus temporaries while building.
 
@@ -161,9 +197,23 @@ class AliasTable:
         self.alias: torch.Tensor | None = None
         self.rebuild(weights)
 
+    @classmethod
+    def _from_parts(
+        cls, prob: torch.Tensor, alias: torch.Tensor, probs: torch.Tensor, *, check: bool = False
+    ) -> "AliasTable":
+        """A table holding these tensors (not copied); ``check`` validates them first, as
+        ``load_state_dict`` does (one host synchronisation on CUDA)."""
+        if check:
+            _check_state(prob, alias, probs)
+        table = cls.__new__(cls)
+        table.prob, table.alias, table.probs = prob, alias, probs
+        return table
+
     def rebuild(self, weights: torch.Tensor) -> "AliasTable":
-        """Rebuilds from new ``weights`` in place, reusing the buffers when N and the device
-        are unchanged. Returns ``self``."""
+        """Rebuilds from new ``weights`` (checked as the constructor checks them; on an error
+        the table is unchanged). With the same shape and device the table's buffers are
+        reused, so tensors taken earlier from ``probs``, ``prob``, ``alias`` or
+        ``state_dict()`` then hold the new table. Returns ``self``."""
         _check_weights(weights, check_values=True)
         reuse = (
             self.prob is not None
@@ -181,11 +231,6 @@ class AliasTable:
         return self.prob.shape[-1]
 
     @property
-    def num_categories(self) -> int:
-        """N, the number of categories (per row)."""
-        return self.prob.shape[-1]
-
-    @property
     def device(self) -> torch.device:
         return self.prob.device
 
@@ -199,7 +244,7 @@ class AliasTable:
         """Draws ``n`` categories with replacement.
 
         Args:
-            n: number of draws, ``>= 0``.
+            n: number of draws, a Python int ``>= 0`` (tensors are refused: ``TypeError``).
             generator: a ``torch.Generator`` on the table's device (default: that device's
                 default generator). Same seed, same indices (per backend); it advances.
             return_probs: also return ``probs[idx]``.
@@ -209,9 +254,10 @@ class AliasTable:
             ``return_probs``, ``(idx, p)`` with ``p`` float64 of ``idx``'s shape, the
             normalised probabilities of the drawn categories. No host synchronisation.
         """
-        n = int_arg("n", n, minimum=0)
+        rows = self.prob.shape[0] if self.prob.dim() == 2 else 1
+        n = _draws_arg(n, rows)
         _check_generator(generator, self.device)
-        if self.prob.dim() == 1 and use_triton(self.prob):
+        if _triton_for(self.prob):
             idx = _triton_alias().sample_table(self.prob, self.alias, n, generator)
         else:
             idx = _alias_torch.sample_table(self.prob, self.alias, n, generator)
@@ -224,54 +270,85 @@ class AliasTable:
         device = torch.device(device)
         if device == self.device:
             return self
-        new = AliasTable.__new__(AliasTable)
-        new.probs = self.probs.to(device)
-        new.prob = self.prob.to(device)
-        new.alias = self.alias.to(device)
-        return new
+        return AliasTable._from_parts(
+            self.prob.to(device), self.alias.to(device), self.probs.to(device)
+        )
 
     def state_dict(self) -> dict:
-        """``{"probs", "prob", "alias"}``: the table's tensors (a reload does not rebuild)."""
+        """``{"probs", "prob", "alias"}``: the table's own tensors (live references, see the
+        class docstring; a reload does not rebuild)."""
         return {"probs": self.probs, "prob": self.prob, "alias": self.alias}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Loads a ``state_dict()``, checking keys, shapes, dtypes and index range."""
+        """Loads (copies) a ``state_dict()``, validated as the constructor validates weights:
+        keys, shapes, dtypes, devices, the index range of ``alias``, ``prob`` in [0, 1],
+        and ``probs`` equal, to float64 rounding, to the distribution ``prob`` and
+        ``alias`` imply (so it is non-negative, finite and normalised). ``ValueError`` or
+        ``TypeError`` otherwise, and the table is unchanged. One host synchronisation on
+        CUDA."""
         missing = {"probs", "prob", "alias"} - set(state_dict)
         if missing:
             raise ValueError(f"state_dict is missing {sorted(missing)}")
         probs, prob, alias = state_dict["probs"], state_dict["prob"], state_dict["alias"]
-        for name, t in (("probs", probs), ("prob", prob), ("alias", alias)):
-            if not isinstance(t, torch.Tensor) or t.dim() not in (1, 2):
-                raise ValueError(f"state_dict[{name!r}] must be a 1-D or 2-D tensor")
-        n = prob.shape[-1]
-        if prob.numel() == 0 or probs.shape != prob.shape or alias.shape != prob.shape:
-            raise ValueError(
-                f"state_dict tensors must share one non-empty shape (length), got probs "
-                f"{tuple(probs.shape)}, prob {tuple(prob.shape)}, alias {tuple(alias.shape)}"
-            )
-        if prob.dtype != torch.float64 or probs.dtype != torch.float64:
-            raise TypeError(
-                f"state_dict['prob'] and ['probs'] must be float64, got {prob.dtype}, {probs.dtype}"
-            )
-        if alias.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"state_dict['alias'] must be int32 or int64, got {alias.dtype}")
-        if not (probs.device == prob.device == alias.device):
-            raise ValueError("state_dict tensors must be on one device")
-        lo, hi = alias.aminmax()
-        if int(lo) < 0 or int(hi) >= n or bool((prob < 0).any() | (prob > 1).any()):
-            raise ValueError("state_dict['alias'] or ['prob'] is out of range")
+        _check_state(prob, alias, probs)
         self.probs, self.prob, self.alias = probs.clone(), prob.clone(), alias.clone()
 
     def __repr__(self) -> str:
         p = self.probs
         rows = f"rows={p.shape[0]}, " if p.dim() == 2 else ""
+        head = f"AliasTable({rows}num_categories={len(self)}, device={self.device}"
+        if p.is_meta or p.numel() == 0:
+            return head + ")"
         positive = int((p > 0).sum(-1).min())
         ess = float((1.0 / (p * p).sum(-1)).min())
         return (
-            f"AliasTable({rows}num_categories={len(self)}, device={self.device}, "
-            f"positive={positive}, max_prob={float(p.max()):.4g}, "
-            f"effective_size={ess:.4g})"
+            f"{head}, positive={positive}, max_prob={float(p.max()):.4g}, effective_size={ess:.4g})"
         )
+
+
+def _check_state(prob, alias, probs) -> None:
+    """Validates a table's parts (``load_state_dict``). The implied distribution
+    ``m_k = (prob[k] + sum_{i: alias[i] = k} (1 - prob[i])) / N`` (one scatter-add) must
+    match ``probs`` within the builders' float64 rounding, ``|m - probs| <= rtol probs``
+    with ``rtol = 4e-14 + N 2^-46`` (4x the bound the tests hold the builders to): exact
+    for weight-0 items, and false for NaN, negative or unnormalised ``probs``."""
+    for name, t in (("probs", probs), ("prob", prob), ("alias", alias)):
+        if not isinstance(t, torch.Tensor) or t.dim() not in (1, 2):
+            raise ValueError(f"state_dict[{name!r}] must be a 1-D or 2-D tensor")
+    n = prob.shape[-1]
+    if n == 0 or probs.shape != prob.shape or alias.shape != prob.shape:
+        raise ValueError(
+            f"state_dict tensors must share one shape (length) of at least one category, "
+            f"got probs {tuple(probs.shape)}, prob {tuple(prob.shape)}, alias {tuple(alias.shape)}"
+        )
+    if prob.dtype != torch.float64 or probs.dtype != torch.float64:
+        raise TypeError(
+            f"state_dict['prob'] and ['probs'] must be float64, got {prob.dtype}, {probs.dtype}"
+        )
+    if alias.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"state_dict['alias'] must be int32 or int64, got {alias.dtype}")
+    if not (probs.device == prob.device == alias.device):
+        raise ValueError("state_dict tensors must be on one device")
+    if prob.is_meta or prob.numel() == 0:
+        return
+    in_range = ((alias >= 0) & (alias < n)).all() & ((prob >= 0) & (prob <= 1)).all()
+    implied = prob.clone().scatter_add_(-1, alias.clamp(0, n - 1).long(), 1.0 - prob) / n
+    diff = (implied - probs).abs()
+    rtol = 4 * (1e-14 + 32 * n * 2.0**-53)
+    ok = ((diff <= rtol * probs) & probs.isfinite()).all()
+    if bool(in_range & ok):  # the one synchronisation
+        return
+    if not bool(in_range):
+        raise ValueError(
+            "state_dict['alias'] or ['prob'] is out of range (alias in [0, N), prob in "
+            "[0, 1], not NaN)"
+        )
+    k = _first(~((diff <= rtol * probs) & probs.isfinite()))
+    raise ValueError(
+        f"state_dict['probs'] does not match the distribution that prob and alias imply "
+        f"(at index {k}: probs {probs.reshape(-1)[k].item()!r}, implied "
+        f"{implied.reshape(-1)[k].item()!r}); probs must be non-negative, finite and sum to 1"
+    )
 
 
 def sample(
@@ -295,17 +372,23 @@ def sample(
       are not yet measured).
 
     The rule depends only on ``(N, n)`` and the backend, so a seed gives the same indices
-    on every run of the same kind. A batch ``[R, N]`` draws ``n`` per row with the torch
-    path's methods (on every device; no kernels yet).
+    on every run of the same kind; where it picks a table, the indices are those of
+    ``AliasTable(weights).sample(n)`` with the same generator state. A batch ``[R, N]``
+    draws ``n`` per row with the torch path's methods (on every device; no kernels yet);
+    ``R = 0`` rows give empty ``[0, n]`` results, as ``torch.multinomial`` does. Meta
+    weights give meta results of the right shapes and dtypes.
 
     Args:
-        weights: ``[N]`` or ``[R, N]`` floating, non-negative, finite, not all zero (per
-            row; integer weights are refused with ``TypeError``). On CPU, bad values raise
-            ``ValueError``. On CUDA the values are not checked (that would synchronise):
-            with negative, NaN or infinite weights, or all zeros, the indices are in
-            ``[0, N)`` but meaningless and the probabilities NaN, inf or negative. Use
+        weights: ``[N]`` or ``[R, N]`` floating (float16, bfloat16, float32, float64),
+            non-negative, finite, not all zero (per row; ``N >= 1``). Integer and bool
+            weights are refused with ``TypeError``, as by ``torch.multinomial``. On CPU,
+            bad values raise ``ValueError``. On CUDA the values are not checked (that would
+            synchronise): with negative, NaN or infinite weights, or all zeros, the indices
+            are in ``[0, N)`` but meaningless and the probabilities NaN, inf or negative. Use
             ``AliasTable`` for a checked build.
-        n: number of draws, ``>= 0``.
+        n: number of draws, a Python int ``>= 0`` (as ``torch.multinomial``'s
+            ``num_samples``; tensors are refused with ``TypeError``, and a count whose
+            output would overflow a tensor's storage with ``ValueError``).
         generator: a ``torch.Generator`` on the weights' device (default: the device's
             default generator); it advances.
         return_probs: also return the normalised probability of each drawn index, what
@@ -321,12 +404,12 @@ def sample(
         >>> weights = 1.0 / (384 * p)
     """
     _check_weights(weights, check_values=False)
-    n = int_arg("n", n, minimum=0)
+    n = _draws_arg(n, weights.shape[0] if weights.dim() == 2 else 1)
     _check_generator(generator, weights.device)
     w = weights.detach()
     num = w.shape[-1]
     check = not w.is_cuda  # values are checked off CUDA only (a check would synchronise)
-    triton = w.dim() == 1 and use_triton(w)
+    triton = _triton_for(w)
     method = _method(triton, num, n)
     if method == "fused":
         if check:
@@ -336,8 +419,7 @@ def sample(
     if method == "table":
         if check:
             _check_values(w)
-        table = AliasTable.__new__(AliasTable)
-        table.prob, table.alias, table.probs = _builder(w)(w)
+        table = AliasTable._from_parts(*_builder(w)(w))
         idx, p = table.sample(n, generator=generator, return_probs=True)
     else:
         c = _alias_torch.cdf(w)

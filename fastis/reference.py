@@ -228,8 +228,7 @@ def cross_entropy_grad(
     in_range = (target >= 0) & (target < C)
     y = torch.where(in_range, target, 0).long()[..., None]
     p = p.scatter_add_(-1, y, torch.full_like(p[..., :1], eps - 1.0))
-    scale = torch.where((target == ignore_index)[..., None], 0.0, scale)
-    scale = torch.where(
-        in_range[..., None] | (target == ignore_index)[..., None], scale, float("nan")
-    )
-    return p.mul_(scale).to(logits.dtype)
+    ignored = (target == ignore_index)[..., None]
+    scale = torch.where(in_range[..., None] | ignored, scale, float("nan"))
+    # where, not a product: an ignored row is 0 even when its logits are NaN
+    return torch.where(ignored, 0.0, p.mul_(scale)).to(logits.dtype)

@@ -13,8 +13,9 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 # Property tests draw the same examples on every run (CI must not go red by chance);
 # HYPOTHESIS_PROFILE=explore draws fresh ones, to look for new failures. Kernels under the
 # interpreter are slow and examples share the backend fixture: no deadline, no such checks.
-_COMMON = dict(deadline=None,
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+_COMMON = dict(
+    deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 settings.register_profile("fixed", derandomize=True, database=None, **_COMMON)
 settings.register_profile("explore", derandomize=False, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fixed"))

@@ -1,18 +1,17 @@
 """The fastis command: the demo end to end at a tiny budget, its errors, data, baselines."""
 
 import json
-import pickle
+import math
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("mnist1d")
 
 from fastis import cli  # noqa: E402
-from fastis.demo import baselines, data  # noqa: E402
+from fastis.demo import baselines, data, report, train  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -23,16 +22,35 @@ def cache(tmp_path, monkeypatch):
 
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    code = cli.main(["demo", "--budget", "0.6", "--num-samples", "1500", "--evals", "3",
-                     "--out", str(out), "--no-progress",
-                     "--methods", "uniform,upper-bound,history,loss,infobatch,selective-backprop"])
+    code = cli.main(
+        [
+            "demo",
+            "--budget",
+            "0.6",
+            "--num-samples",
+            "1500",
+            "--evals",
+            "3",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--methods",
+            "uniform,upper-bound,history,loss,infobatch,selective-backprop",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "| method | train loss | test error |" in printed
     results = json.loads((out / "results.json").read_text())
     methods = [r["method"] for r in results["summary"]]
-    assert methods == ["uniform", "upper-bound", "history", "loss", "infobatch",
-                       "selective-backprop"]
+    assert methods == [
+        "uniform",
+        "upper-bound",
+        "history",
+        "loss",
+        "infobatch",
+        "selective-backprop",
+    ]
     for name in methods:
         assert name in printed
         run = results["runs"][name]
@@ -45,9 +63,28 @@ def test_demo_end_to_end(tmp_path, capsys):
 
 
 def test_python_dash_m_fastis_info():
-    proc = subprocess.run([sys.executable, "-m", "fastis", "info"], capture_output=True,
-                          text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastis", "info"], capture_output=True, text=True, check=True
+    )
     assert "fastis" in proc.stdout and "torch" in proc.stdout
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Argument errors must be caught before any data is made or any method trained."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the demo started although its arguments are wrong")
+
+    monkeypatch.setattr(data, "mnist1d", refuse)
+    monkeypatch.setattr(train, "run", refuse)
+
+
+def _refused(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -56,26 +93,182 @@ def test_python_dash_m_fastis_info():
         (["demo", "--methods", "uniform,magic"], "unknown method(s) magic"),
         (["demo", "--methods", "uniform,uniform"], "listed twice"),
         (["demo", "--budget", "-3"], "must be positive"),
+        (["demo", "--budget", "0"], "must be positive"),
+        (["demo", "--budget", "inf"], "--budget: must be a finite number, got inf"),
+        (["demo", "--budget", "1e400"], "must be a finite number, got 1e400"),
+        (["demo", "--budget", "nan"], "must be a finite number, got nan"),
         (["demo", "--budget", "soon"], "not a number"),
         (["demo", "--lr", "uniform=fast"], "not a number"),
+        (["demo", "--lr", "inf"], "--lr: must be a finite number, got inf"),
+        (["demo", "--lr", "nan"], "must be a finite number, got nan"),
+        (["demo", "--lr", "0"], "must be positive, got 0"),
+        (["demo", "--lr", "uniform=-0.1"], "must be positive, got -0.1"),
+        (["demo", "--lr", "uniform=1e999"], "must be a finite number, got 1e999"),
+        (["demo", "--lr", "uniform=0.1,uniform=0.2"], "two rates for uniform"),
+        (
+            ["demo", "--lr", "uniform=0.1", "--lr", "uniform=0.2"],
+            "--lr: two rates for uniform (0.1 and 0.2)",
+        ),
+        (["demo", "--lr", "0.1", "--lr", "0.2"], "two rates for all methods"),
+        (
+            ["demo", "--methods", "uniform", "--lr", "uniform=0.1,history=0.1"],
+            "--lr names history, which --methods does not run (uniform)",
+        ),
+        (["demo", "--seed", "-1"], "--seed: must be from 0 to 2**32 - 1, got -1"),
+        (["demo", "--seed", str(2**32)], "must be from 0 to 2**32 - 1"),
+        (["demo", "--seed", "1.5"], "not a whole number"),
+        (["demo", "--num-samples", "inf"], "not a number"),
+        (["demo", "--device", "meta"], "--device meta: meta tensors hold no data"),
+        (["demo", "--device", "nonsense"], "--device nonsense:"),
+        (["demo", "--device", "xpu"], "--device xpu: cannot compute there"),
         (["demo", "--schedule", "cosine"], "invalid choice"),
         (["demo", "--batch-size", "128", "--presample", "64"], "smaller than --batch-size"),
         (["demo", "--num-samples", "100"], "fewer than the presample"),
+        (
+            ["demo", "--num-samples", "20", "--batch-size", "2", "--presample", "4"],
+            "--num-samples must be at least 50, got 20",
+        ),
         ([], "required"),
     ],
 )
-def test_cli_errors(argv, message, capsys):
-    with pytest.raises(SystemExit) as exc:
-        cli.main(argv)
-    assert exc.value.code == 2
-    assert message in capsys.readouterr().err
+def test_cli_errors(argv, message, capsys, no_training):
+    assert message in _refused(argv, capsys)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
-def test_cli_cuda_without_gpu(capsys):
-    with pytest.raises(SystemExit):
-        cli.main(["demo", "--device", "cuda"])
-    assert "no CUDA device" in capsys.readouterr().err
+def test_cli_cuda_without_gpu(capsys, no_training):
+    assert "no CUDA device" in _refused(["demo", "--device", "cuda"], capsys)
+
+
+def test_out_existing_file_is_refused_before_training(tmp_path, capsys, no_training):
+    target = tmp_path / "results.txt"
+    target.write_text("keep me")
+    err = _refused(["demo", "--out", str(target)], capsys)
+    assert f"--out {target}: exists and is not a folder" in err
+    assert target.read_text() == "keep me"
+
+
+def test_out_unwritable_is_refused_before_training(tmp_path, capsys, no_training):
+    (tmp_path / "file").write_text("")
+    inside_a_file = tmp_path / "file" / "run"
+    assert f"--out {inside_a_file}: cannot write there" in _refused(
+        ["demo", "--out", str(inside_a_file)], capsys
+    )
+
+
+def test_out_folder_is_made_before_training_and_removed_if_the_run_fails(tmp_path, monkeypatch):
+    out = tmp_path / "new" / "run"
+    seen = []
+
+    def fail(cfg, data_, progress=None, model_fn=None):
+        seen.append(out.is_dir())
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(train, "run", fail)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        cli.main(
+            [
+                "demo",
+                "--out",
+                str(out),
+                "--num-samples",
+                "500",
+                "--methods",
+                "uniform",
+                "--no-progress",
+            ]
+        )
+    assert seen == [True]  # the folder existed before the first method trained
+    assert not out.exists()  # and an empty folder is not left behind
+
+
+def test_finished_results_survive_a_failing_output_folder(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    write_json = report.write_json
+    tried = []
+
+    def flaky(folder, results):
+        tried.append(folder)
+        if folder == out:  # the folder was fine at the start, not at the end
+            raise OSError(28, "No space left on device")
+        return write_json(folder, results)
+
+    monkeypatch.setattr(report, "write_json", flaky)
+    monkeypatch.setattr(cli.tempfile, "mkdtemp", lambda prefix: str(tmp_path / "fallback"))
+    code = cli.main(
+        [
+            "demo",
+            "--budget",
+            "0.2",
+            "--num-samples",
+            "500",
+            "--evals",
+            "1",
+            "--methods",
+            "uniform",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 1
+    captured = capsys.readouterr()
+    assert "| uniform |" in captured.out  # the table is printed before anything is written
+    saved = tmp_path / "fallback" / "results.json"
+    assert tried == [out, saved.parent]
+    assert "No space left on device" in captured.err and f"{saved} instead" in captured.err
+    assert json.loads(saved.read_text())["summary"][0]["method"] == "uniform"
+
+
+@pytest.mark.parametrize("stop", [RuntimeError("diverged"), KeyboardInterrupt()])
+def test_methods_that_finished_are_saved_when_a_later_one_fails(
+    tmp_path, monkeypatch, capsys, stop
+):
+    real_run = train.run
+
+    def second_fails(cfg, *args, **kwargs):
+        if cfg.method == "history":
+            raise stop
+        return real_run(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(train, "run", second_fails)
+    argv = [
+        "demo",
+        "--budget",
+        "0.2",
+        "--num-samples",
+        "500",
+        "--evals",
+        "1",
+        "--methods",
+        "uniform,history,loss",
+        "--out",
+        str(tmp_path / "run"),
+        "--no-progress",
+    ]
+    if isinstance(stop, KeyboardInterrupt):
+        assert cli.main(argv) == 130
+    else:
+        with pytest.raises(RuntimeError, match="diverged"):
+            cli.main(argv)
+    captured = capsys.readouterr()
+    assert "| uniform |" in captured.out and "| history |" not in captured.out
+    assert "history did not finish" in captured.err
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [r["method"] for r in saved["summary"]] == ["uniform"]
+    assert saved["settings"]["lr"] == {"uniform": 0.1}
+
+
+def test_results_json_is_strict_json():
+    def no_constants(name):
+        raise AssertionError(f"{name} is not JSON")
+
+    text = report.to_json({"loss": math.nan, "rows": [math.inf, -math.inf, 1.5], "n": 3})
+    assert json.loads(text, parse_constant=no_constants) == {
+        "loss": "nan",
+        "rows": ["inf", "-inf", 1.5],
+        "n": 3,
+    }
 
 
 def test_mnist1d_is_generated_once_and_cached(tmp_path):
@@ -88,41 +281,6 @@ def test_mnist1d_is_generated_once_and_cached(tmp_path):
     x, y, x_test, y_test = first
     assert x.shape == (400, 40) and x_test.shape == (100, 40) and y.dtype == torch.int64
     assert set(y.tolist()) <= set(range(10)) and len(set(y.tolist())) == 10
-
-
-def _write_cifar(root, n_per_batch=6, seed=0):
-    rng = np.random.default_rng(seed)
-    root.mkdir()
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
-                 b"labels": rng.integers(0, 10, n_per_batch).tolist(),
-                 b"batch_label": name.encode()}
-        with open(root / name, "wb") as f:
-            pickle.dump(batch, f)
-    return rng
-
-
-def test_cifar10_reader(tmp_path):
-    _write_cifar(tmp_path / "cifar")
-    x, y, x_test, y_test = data.cifar10(tmp_path / "cifar")
-    assert x.shape == (30, 3, 32, 32) and x_test.shape == (6, 3, 32, 32)
-    assert y.dtype == torch.int64 and y.shape == (30,)
-    # normalised per channel with the training statistics
-    torch.testing.assert_close(x.mean((0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
-    torch.testing.assert_close(x.std((0, 2, 3)), torch.ones(3), atol=1e-5, rtol=0)
-    # the layout: a row is the red, green and blue planes, each 32 x 32 row-major; the
-    # normalisation is increasing per channel, so each plane keeps the raw bytes' order
-    with open(tmp_path / "cifar" / "data_batch_1", "rb") as f:
-        raw = torch.from_numpy(pickle.load(f, encoding="bytes")[b"data"][0].astype(np.int64))
-    for c in range(3):
-        plane = raw[1024 * c:1024 * (c + 1)]
-        assert torch.equal(x[0, c].flatten().argsort(stable=True), plane.argsort(stable=True))
-
-
-def test_cifar10_reader_missing_files(tmp_path):
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="missing data_batch_1"):
-        data.cifar10(tmp_path / "empty")
 
 
 def test_infobatch_rule():
@@ -153,25 +311,3 @@ def test_selective_backprop_rule():
     torch.testing.assert_close(p1[1], torch.tensor(52 / 104))  # 0..49, -1 and itself
     torch.testing.assert_close(p2, p1.square())
     assert p1[0] == 1 / 104  # the smallest is kept rarely (only itself below or equal)
-
-
-def test_e2e_benchmark_smoke(tmp_path):
-    from bench import e2e
-
-    records = e2e.main(["--methods", "uniform", "history", "infobatch", "--seeds", "0", "1",
-                        "--budget", "0.3", "--num-samples", "1500", "--evals", "2",
-                        "--out", str(tmp_path), "--name", "smoke"])
-    assert set(records) == {"uniform", "history", "infobatch"}
-    text = (tmp_path / "e2e_smoke.md").read_text()
-    assert "| uniform |" in text and "±" in text
-    best = e2e.main(["--methods", "uniform", "--seeds", "0", "--budget", "0.2",
-                     "--num-samples", "1500", "--evals", "1", "--out", str(tmp_path),
-                     "--name", "smoke", "--sweep", "0.01", "0.1"])
-    assert best["uniform"] in (0.01, 0.1)
-
-
-def test_resnet18_shapes():
-    from bench.e2e import ResNet18
-
-    model = ResNet18(width=8)
-    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)

@@ -5,8 +5,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fastis.history import HistorySampler
-from fastis.sampler import ImportanceSampler, compute_tau
+from fastis.sampling import HistorySampler, ImportanceSampler, compute_tau
 
 WORLD = 2
 N, B_SMALL, STEPS = 200, 8, 60
@@ -16,7 +15,7 @@ def example_scores(rank: int) -> torch.Tensor:
     """Per-example scores as each rank sees them: skewed on rank 0 (u^60), equal on rank 1,
     so only the average across ranks decides the switch."""
     u = torch.rand(N, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
-    return u ** 60 if rank == 0 else torch.ones(N, dtype=torch.float64)
+    return u**60 if rank == 0 else torch.ones(N, dtype=torch.float64)
 
 
 def _worker(rank: int, init: str, out: str) -> None:
@@ -38,8 +37,9 @@ def _worker(rank: int, init: str, out: str) -> None:
             trained = scores[s.last_indices]
             s.update(trained)
             local = compute_tau(scores[idx] if active else trained)
-            log["steps"].append({"idx": idx, "active": active, "tau": s.tau,
-                                 "local_tau_new": float(local)})
+            log["steps"].append(
+                {"idx": idx, "active": active, "tau": s.tau, "local_tau_new": float(local)}
+            )
         h = HistorySampler(N, B_SMALL, seed=3)
         drawn = set()
         for idx in h:

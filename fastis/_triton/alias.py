@@ -18,7 +18,10 @@ table is two prefix sums and two sorted searches per item. Two kernels:
 Draws (``_alias_sample_kernel``) read one table row each. Randomness is Philox keyed by a
 seed that ``torch.randint(generator=...)`` writes on the device: no host synchronisation,
 and the torch generator advances. Per draw, 64 bits choose the bucket (modulo bias
-N / 2^64) and 53 bits the coin.
+N / 2^64) and 53 bits the coin. The stream is fixed by that definition: draw ``i`` of a
+launch takes ``tl.randint4x(seed, i)`` (Philox4x32-10, counter ``(i_lo, i_hi, 0, 0)``, key
+the two halves of ``seed = torch.randint(0, 2^62, (1,), generator=g)``), so the tests
+reproduce it outside the kernel and check the kernels index for index.
 
 ``_icdf_kernel`` is the one-shot draw of ``n`` from a small fresh ``w`` (``B`` of a few
 thousand): one launch scans ``w`` in float64 and finds, per draw, the first positive
@@ -33,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastis._alias_torch import PROB_DTYPE, index_dtype
+from fastis._alias_torch import allocate
 
 # -- kernels ---------------------------------------------------------------------------------
 
@@ -63,7 +66,7 @@ def _alias_scan_kernel(
     N,
     # meta-parameters
     BLOCK: tl.constexpr,
-):
+):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     idx = tl.arange(0, BLOCK)
     offs = pid * BLOCK + idx
@@ -108,7 +111,7 @@ def _value(Loc, m, off, prev, mask):
 def _search(
     Loc, Off, Prev, End, scale, x, active, N, n_blocks, block_steps,
     BLOCK: tl.constexpr, IN_STEPS: tl.constexpr, STRICT: tl.constexpr,
-):
+):  # fmt: skip
     # First m in [0, N) with G[m] * scale > x (STRICT) or >= x, N if none (G: _value).
     # Two levels, so that most steps touch small, cached arrays: first the block whose end
     # value End[b] passes, then the element inside it. Inactive lanes load nothing. G is
@@ -146,7 +149,7 @@ def _alias_fill_kernel(
     # meta-parameters
     BLOCK: tl.constexpr,
     IN_STEPS: tl.constexpr,
-):
+):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -167,18 +170,18 @@ def _alias_fill_kernel(
     target = _search(
         H, OffH, PrevH, EndH, scale_h, x, mask, N, n_blocks, block_steps,
         BLOCK, IN_STEPS, True,
-    )
+    )  # fmt: skip
     # heavy remainder r = 1 + H_k - A_i, i the first light with A_i >= H_k
     pos = _search(
         A, OffA, PrevA, EndA, 1.0, h_k, heavy, N, n_blocks, block_steps,
         BLOCK, IN_STEPS, False,
-    )
+    )  # fmt: skip
     found = heavy & (pos < N)
     blk = pos // BLOCK
     a_at = _value(
         A, pos, tl.load(OffA + blk, mask=found, other=0.0),
         tl.load(PrevA + blk, mask=found, other=0.0), found,
-    )
+    )  # fmt: skip
     r = tl.where(found, tl.minimum(tl.maximum(1.0 + h_k - a_at, 0.0), 1.0), 1.0)
     tl.store(Prob + offs, tl.where(light, q, r), mask=mask)
     alias = tl.where(target < N, target, offs)
@@ -201,7 +204,7 @@ def _alias_sample_kernel(
     n, N,
     # meta-parameters
     BLOCK: tl.constexpr,
-):
+):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -225,7 +228,7 @@ def _icdf_kernel(
     # meta-parameters
     BLOCK_N: tl.constexpr,
     BLOCK_B: tl.constexpr,
-):
+):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs < n
@@ -277,9 +280,7 @@ ICDF_WARPS = 8
 
 def _seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """A Philox seed drawn on ``device`` from the generator (advances it; no sync)."""
-    return torch.randint(
-        0, 2**62, (1,), generator=generator, device=device, dtype=torch.int64
-    )
+    return torch.randint(0, 2**62, (1,), generator=generator, device=device, dtype=torch.int64)
 
 
 def _block_values(total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -311,7 +312,7 @@ def build(
     w = weights.contiguous()
     total = torch.sum(w, dtype=torch.float64).reshape(1)
     n_blocks = triton.cdiv(n, SCAN_BLOCK)
-    probs = out_probs if out_probs is not None else torch.empty(n, dtype=torch.float64, device=dev)
+    prob, alias, probs = allocate(weights.shape, dev, out_prob, out_alias, out_probs)
     a = torch.empty(n, dtype=torch.float64, device=dev)
     h = torch.empty(n, dtype=torch.float64, device=dev)
     block_a = torch.empty(n_blocks, dtype=torch.float64, device=dev)
@@ -324,13 +325,11 @@ def build(
     # A_N / H_N (1 up to rounding; see fastis._alias_torch.build), on the device
     tot_a, tot_h = end_a[-1:], end_h[-1:]
     scale_h = torch.where(tot_h > 0, tot_a / tot_h, 1.0)
-    prob = out_prob if out_prob is not None else torch.empty(n, dtype=PROB_DTYPE, device=dev)
-    alias = out_alias if out_alias is not None else torch.empty(n, dtype=index_dtype(n), device=dev)
     _alias_fill_kernel[(n_blocks,)](
         w, total, a, h, off_a, off_h, prev_a, prev_h, end_a, end_h, scale_h, prob, alias, probs,
         n, n_blocks, n_blocks.bit_length(),
         BLOCK=SCAN_BLOCK, IN_STEPS=SCAN_BLOCK.bit_length(), num_warps=FILL_WARPS,
-    )
+    )  # fmt: skip
     return prob, alias, probs
 
 
@@ -363,5 +362,5 @@ def sample_icdf(
     _icdf_kernel[grid](
         weights.contiguous(), seed, out, probs, size, weights.shape[0],
         BLOCK_N=ICDF_BLOCK_N, BLOCK_B=ICDF_BLOCK_B, num_warps=ICDF_WARPS,
-    )
+    )  # fmt: skip
     return out, probs

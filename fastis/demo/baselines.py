@@ -34,8 +34,9 @@ def infobatch_keep(losses: torch.Tensor, prune: float, generator: torch.Generato
     return torch.nonzero(~drop).squeeze(1), weight
 
 
-def selective_backprop_probability(losses: torch.Tensor, history: torch.Tensor,
-                                   beta: float) -> torch.Tensor:
+def selective_backprop_probability(
+    losses: torch.Tensor, history: torch.Tensor, beta: float
+) -> torch.Tensor:
     """``P(keep) = F(loss)^beta``, ``F`` the empirical CDF of the recent ``history`` of losses
     (the loss itself counted, so the largest loss seen is kept with probability 1)."""
     pool = torch.cat([history, losses])
@@ -63,7 +64,7 @@ class InfoBatch:
     def step(self, model, x, y, fraction):
         if self.order is None or self.pos + self.b > len(self.order):
             self._new_pass(fraction)
-        idx = self.order[self.pos:self.pos + self.b]
+        idx = self.order[self.pos : self.pos + self.b]
         self.pos += self.b
         w = self.weight[idx].to(x.device)
         dev = idx.to(x.device)
@@ -75,8 +76,10 @@ class InfoBatch:
         return {"mode": f"kept {self.kept_share[-1]:.0%}" if self.kept_share else "infobatch"}
 
     def summary(self):
-        return {"passes": len(self.kept_share),
-                "mean_kept_share": sum(self.kept_share) / max(len(self.kept_share), 1)}
+        return {
+            "passes": len(self.kept_share),
+            "mean_kept_share": sum(self.kept_share) / max(len(self.kept_share), 1),
+        }
 
 
 class SelectiveBackprop:
@@ -92,7 +95,7 @@ class SelectiveBackprop:
         while len(self.pool) < self.b:
             if self.pos + self.b > self.n:
                 self.perm, self.pos = torch.randperm(self.n, generator=self.gen), 0
-            cand = self.perm[self.pos:self.pos + self.b]
+            cand = self.perm[self.pos : self.pos + self.b]
             self.pos += self.b
             with torch.no_grad():
                 dev = cand.to(x.device)
@@ -100,10 +103,10 @@ class SelectiveBackprop:
             p = selective_backprop_probability(losses, self.history, self.beta)
             keep = torch.rand(len(cand), generator=self.gen) < p
             self.pool = torch.cat([self.pool, cand[keep]])
-            self.history = torch.cat([self.history, losses])[-self.history_size:]
+            self.history = torch.cat([self.history, losses])[-self.history_size :]
             self.forwarded += len(cand)
             self.kept += int(keep.sum())
-        idx, self.pool = self.pool[:self.b].to(x.device), self.pool[self.b:]
+        idx, self.pool = self.pool[: self.b].to(x.device), self.pool[self.b :]
         return F.cross_entropy(model(x[idx]), y[idx])
 
     def state(self):

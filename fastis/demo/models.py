@@ -10,9 +10,12 @@ class MNIST1DCNN(nn.Module):
     def __init__(self, channels: int = 32, num_classes: int = 10, length: int = 40):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv1d(1, channels, 5, padding=2), nn.ReLU(),
-            nn.Conv1d(channels, channels, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv1d(channels, channels, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv1d(1, channels, 5, padding=2),
+            nn.ReLU(),
+            nn.Conv1d(channels, channels, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(channels, channels, 3, stride=2, padding=1),
+            nn.ReLU(),
             nn.Flatten(),
         )
         self.classifier = nn.Linear(channels * ((length + 3) // 4), num_classes)

@@ -23,40 +23,53 @@ def summarise(runs: dict) -> list[dict]:
     base_time = time_to_reach(base["curve"], target) if base else None
     rows = []
     for name, r in runs.items():
-        row = {"method": name, "train_loss": r["final_train_loss"],
-               "test_error": r["final_test_error"], "steps": r["steps"],
-               "importance_share": r["steps_importance"] / max(r["steps"], 1),
-               "ms_per_step": 1e3 * r["seconds_per_step"]}
+        row = {
+            "method": name,
+            "train_loss": r["final_train_loss"],
+            "test_error": r["final_test_error"],
+            "steps": r["steps"],
+            "importance_share": r["steps_importance"] / max(r["steps"], 1),
+            "ms_per_step": 1e3 * r["seconds_per_step"],
+        }
         if target is not None:
             t = time_to_reach(r["curve"], target)
             row["time_to_uniform_loss"] = t
             # NaN: never reached uniform's final loss within the budget
-            row["speedup"] = base_time / t if t > 0 and math.isfinite(t) else \
-                (math.inf if t == 0 else math.nan)
+            row["speedup"] = (
+                base_time / t if t > 0 and math.isfinite(t) else (math.inf if t == 0 else math.nan)
+            )
         rows.append(row)
     return rows
 
 
 def table(rows: list[dict]) -> str:
     """A markdown table a person reads in a terminal or a README."""
-    head = ("| method | train loss | test error | steps | IS steps | ms/step "
-            "| time to uniform's loss | speed-up |")
+    head = (
+        "| method | train loss | test error | steps | IS steps | ms/step "
+        "| time to uniform's loss | speed-up |"
+    )
     lines = [head, "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         reach = r.get("time_to_uniform_loss")
         reach = "-" if reach is None else ("never" if math.isinf(reach) else f"{reach:.1f} s")
         speed = r.get("speedup")
         speed = "-" if speed is None or math.isnan(speed) else f"{speed:.2f}x"
-        lines.append(f"| {r['method']} | {r['train_loss']:.3e} | {r['test_error']:.2%} | "
-                     f"{r['steps']} | {r['importance_share']:.0%} | {r['ms_per_step']:.2f} | "
-                     f"{reach} | {speed} |")
+        lines.append(
+            f"| {r['method']} | {r['train_loss']:.3e} | {r['test_error']:.2%} | "
+            f"{r['steps']} | {r['importance_share']:.0%} | {r['ms_per_step']:.2f} | "
+            f"{reach} | {speed} |"
+        )
     return "\n".join(lines)
 
 
 def machine() -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
     try:
         with open("/proc/cpuinfo") as f:
             names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
@@ -68,21 +81,38 @@ def machine() -> dict:
     return info
 
 
-def write(out: Path, runs: dict, settings: dict) -> dict:
-    """Writes ``results.json`` and ``results.png`` (if matplotlib is there) into ``out``."""
+def collect(runs: dict, settings: dict) -> dict:
+    """What ``results.json`` holds: the settings, the machine, the summary and the runs."""
+    return {"settings": settings, "machine": machine(), "summary": summarise(runs), "runs": runs}
+
+
+def to_json(obj) -> str:
+    """Strict JSON (no ``NaN`` or ``Infinity`` tokens): non-finite floats, such as the
+    loss of a diverged run or a speed-up that was never reached, become the strings
+    ``"nan"``, ``"inf"`` and ``"-inf"``."""
+    return json.dumps(_finite(obj), indent=1, allow_nan=False)
+
+
+def _finite(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def write_json(out: Path, results: dict) -> Path:
+    """Writes ``out/results.json`` (creating ``out``); returns its path."""
     out.mkdir(parents=True, exist_ok=True)
-    rows = summarise(runs)
-    results = {"settings": settings, "machine": machine(), "summary": rows, "runs": runs}
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=_jsonable))
-    plot(out / "results.png", runs, settings)
-    return results
-
-
-def _jsonable(x):
-    return x if not isinstance(x, float) or math.isfinite(x) else str(x)
+    path = out / "results.json"
+    path.write_text(to_json(results))
+    return path
 
 
 def plot(path: Path, runs: dict, settings: dict) -> None:
+    """Training loss (log scale) and test error against training time, one line a method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,9 +132,11 @@ def plot(path: Path, runs: dict, settings: dict) -> None:
     for ax in (ax_loss, ax_err):
         ax.grid(alpha=0.3, which="both")
         ax.legend()
-    fig.suptitle(f"MNIST-1D, {settings.get('num_samples', '?')} examples, "
-                 f"{settings.get('budget', '?')} s per method, "
-                 f"{settings.get('schedule', '?')} schedule, seed {settings.get('seed', '?')}")
+    fig.suptitle(
+        f"MNIST-1D, {settings.get('num_samples', '?')} examples, "
+        f"{settings.get('budget', '?')} s per method, "
+        f"{settings.get('schedule', '?')} schedule, seed {settings.get('seed', '?')}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -20,46 +20,15 @@ The clock counts training steps only: evaluations pause it.
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
 
 import fastis
 from fastis.demo import baselines
+from fastis.demo.config import BASELINES, METHODS, RunConfig
 from fastis.demo.models import MNIST1DCNN
-from fastis.history import HistorySampler
-from fastis.sampler import ImportanceSampler
-
-METHODS = ("uniform", "upper-bound", "history", "loss")
-# the peers' rules (fastis.demo.baselines), for the end-to-end benchmark
-BASELINES = ("infobatch", "selective-backprop")
-
-
-@dataclass
-class RunConfig:
-    """Everything that defines one run (shared by all methods of a comparison)."""
-
-    method: str
-    budget: float  # seconds of training
-    lr: float
-    batch_size: int = 128
-    presample_size: int = 384
-    momentum: float = 0.9
-    schedule: str = "step"  # 'step': lr / 10 at 50% of the budget, / 100 at 75%; 'constant'
-    seed: int = 0
-    device: str = "cpu"
-    evals: int = 30  # evaluations spread over the budget
-    history_rebuild_every: int = 10
-    # HistorySampler's uniform share: weights <= 1 / mix. At its default 0.1 (weights up to
-    # 10) the stale scores of examples it rarely revisits make SGD diverge on this problem.
-    history_uniform_mix: float = 0.5
-    extra: dict = field(default_factory=dict)
-
-    def lr_at(self, fraction: float) -> float:
-        if self.schedule == "constant":
-            return self.lr
-        return self.lr * (1.0 if fraction < 0.5 else 0.1 if fraction < 0.75 else 0.01)
 
 
 def evaluate(model, x, y, x_test, y_test, batch: int = 8192) -> tuple[float, float]:
@@ -67,10 +36,14 @@ def evaluate(model, x, y, x_test, y_test, batch: int = 8192) -> tuple[float, flo
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        loss = sum(F.cross_entropy(model(x[i:i + batch]), y[i:i + batch], reduction="sum")
-                   for i in range(0, len(x), batch)) / len(x)
-        wrong = sum((model(x_test[i:i + batch]).argmax(1) != y_test[i:i + batch]).sum()
-                    for i in range(0, len(x_test), batch))
+        loss = sum(
+            F.cross_entropy(model(x[i : i + batch]), y[i : i + batch], reduction="sum")
+            for i in range(0, len(x), batch)
+        ) / len(x)
+        wrong = sum(
+            (model(x_test[i : i + batch]).argmax(1) != y_test[i : i + batch]).sum()
+            for i in range(0, len(x_test), batch)
+        )
     model.train(was_training)
     return float(loss), float(wrong) / len(x_test)
 
@@ -86,7 +59,7 @@ class _Uniform:
     def step(self, model, x, y, fraction):
         if self.pos + self.b > self.n:
             self.perm, self.pos = torch.randperm(self.n, generator=self.gen), 0
-        idx = self.perm[self.pos:self.pos + self.b].to(x.device)
+        idx = self.perm[self.pos : self.pos + self.b].to(x.device)
         self.pos += self.b
         return F.cross_entropy(model(x[idx]), y[idx])
 
@@ -122,7 +95,7 @@ class _Sampled:
 
     def state(self):
         s = self.sampler
-        if isinstance(s, ImportanceSampler):
+        if isinstance(s, fastis.ImportanceSampler):
             return {"tau": s.tau, "mode": "IS" if s.is_active else "uniform"}
         return {"tau": s.tau, "mode": "history"}
 
@@ -138,25 +111,35 @@ def make_method(cfg: RunConfig, n: int):
     if cfg.method == "uniform":
         return _Uniform(n, cfg)
     if cfg.method == "history":
-        return _Sampled(HistorySampler(n, cfg.batch_size, seed=cfg.seed,
-                                       rebuild_every=cfg.history_rebuild_every,
-                                       uniform_mix=cfg.history_uniform_mix),
-                        feedback="score")
+        return _Sampled(
+            fastis.HistorySampler(
+                n,
+                cfg.batch_size,
+                seed=cfg.seed,
+                rebuild_every=cfg.history_rebuild_every,
+                uniform_mix=cfg.history_uniform_mix,
+            ),
+            feedback="score",
+        )
     if cfg.method in ("upper-bound", "loss"):
         score_fn = _per_sample_loss if cfg.method == "loss" else None
-        sampler = ImportanceSampler(n, cfg.batch_size, seed=cfg.seed,
-                                           presample_size=cfg.presample_size,
-                                           score_fn=score_fn)
+        sampler = fastis.ImportanceSampler(
+            n, cfg.batch_size, seed=cfg.seed, presample_size=cfg.presample_size, score_fn=score_fn
+        )
         return _Sampled(sampler, feedback="loss" if cfg.method == "loss" else "score")
     if cfg.method == "infobatch":
-        return baselines.InfoBatch(n, cfg, **cfg.extra)
+        return baselines.InfoBatch(n, cfg)
     if cfg.method == "selective-backprop":
-        return baselines.SelectiveBackprop(n, cfg, **cfg.extra)
+        return baselines.SelectiveBackprop(n, cfg)
     raise ValueError(f"unknown method {cfg.method!r}; choose from {METHODS + BASELINES}")
 
 
-def run(cfg: RunConfig, data, progress: Callable[[float, dict], None] | None = None,
-        model_fn: Callable[[], torch.nn.Module] | None = None) -> dict:
+def run(
+    cfg: RunConfig,
+    data,
+    progress: Callable[[float, dict], None] | None = None,
+    model_fn: Callable[[], torch.nn.Module] | None = None,
+) -> dict:
     """Trains ``cfg.method`` for ``cfg.budget`` seconds of training; returns its record.
 
     Args:
@@ -203,8 +186,11 @@ def run(cfg: RunConfig, data, progress: Callable[[float, dict], None] | None = N
             next_eval += cfg.budget / cfg.evals
         if progress is not None and clock - last_report >= 0.5:
             value = float(loss)
-            running = value if running is None or not math.isfinite(running) \
+            running = (
+                value
+                if running is None or not math.isfinite(running)
                 else 0.9 * running + 0.1 * value
+            )
             progress(clock, {"loss": running, **method.state()})
             last_report = clock
     summary = method.summary()

@@ -1,0 +1,32 @@
+"""Samplers of training examples: ``ImportanceSampler`` (Algorithm 1 of Katharopoulos &
+Fleuret, ICML 2018) and ``HistorySampler`` (stale scores, no extra forward pass).
+
+Both are ``torch.utils.data.Sampler`` s of index lists, usable as a ``DataLoader``'s
+``batch_sampler`` or iterated directly in a hand-written loop, and share one per-step
+protocol::
+
+    for idx in sampler:                                  # a list of indices
+        x, y = X[idx], Y[idx]                            # or a DataLoader's batch
+        x, y, w = sampler.select(model, x, y)            # training batch and weights
+        loss, g = fastis.cross_entropy(model(x), y, sample_weight=w, return_score=True)
+        sampler.update(g)                                # scores of the training batch
+        optimizer.zero_grad(); loss.backward(); optimizer.step()
+
+The modules, one job each:
+
+- ``importance``: ``ImportanceSampler``; ``history``: ``HistorySampler``;
+- ``switch``: ``compute_tau``, ``default_tau_th`` and the smoothed ``tau`` with its host
+  read;
+- ``draw``: an importance step's scoring pass, draw, weights and counters;
+- ``score_history``: the per-example scores and the probabilities built from them;
+- ``stream``: the queue of yielded batches, epochs, seeds, the per-pass permutations and
+  their resume;
+- ``batches``: cutting rows out of nested inputs (tensors, tuples, dicts);
+- ``checks``: argument and checkpoint validation.
+"""
+
+from fastis.sampling.history import HistorySampler
+from fastis.sampling.importance import ImportanceSampler
+from fastis.sampling.switch import compute_tau, default_tau_th
+
+__all__ = ["HistorySampler", "ImportanceSampler", "compute_tau", "default_tau_th"]

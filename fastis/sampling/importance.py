@@ -1,0 +1,391 @@
+"""``ImportanceSampler``: Algorithm 1 of Katharopoulos & Fleuret (ICML 2018)."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from fastis._checks import float_arg, int_arg
+from fastis.sampling.batches import device_of, take_rows
+from fastis.sampling.checks import check_header, state_int
+from fastis.sampling.draw import PresampleDraw, score_presample, score_summary
+from fastis.sampling.stream import (
+    STATE_VERSION,
+    STREAM_KEYS,
+    Batch,
+    BatchStream,
+    Permutations,
+    derive_seed,
+    indices_from_state,
+)
+from fastis.sampling.switch import SmoothedTau, default_tau_th, tau_from_sum
+from fastis.score import score as default_score
+
+_PERMUTATION, _DRAWS = 1, 2  # derive_seed keys of the two streams
+
+
+@dataclass
+class PresampleBatch(Batch):
+    """A yielded batch of ``ImportanceSampler``: ``b`` indices (off) or a presample of
+    ``B`` (``active``); ``positions`` holds the same indices as a CPU int64 tensor."""
+
+    active: bool = False
+    positions: torch.Tensor | None = None
+
+    def state(self) -> dict:
+        return {"indices": list(self.indices), "active": self.active}
+
+
+class ImportanceSampler(BatchStream):
+    r"""Importance sampling with the variance-reduction switch (Algorithm 1 of Katharopoulos
+    & Fleuret, ICML 2018), as a ``torch.utils.data`` batch sampler.
+
+    Each step (one yielded batch, one ``select``, one ``update``):
+
+    - off (``tau <= tau_th``): yields ``b`` indices; ``select`` returns the batch with unit
+      weights; ``update(scores)`` smooths ``tau`` with the training batch's scores (those
+      that ``fastis.cross_entropy(..., return_score=True)`` returns: no extra pass).
+    - on (``tau > tau_th``): yields a presample of ``B`` indices; ``select`` scores them
+      with a forward pass under ``torch.inference_mode`` (``chunk_size`` rows at a time),
+      updates ``tau`` from those scores, draws ``b`` of the ``B`` with probabilities
+      ``g_i = G_i / sum G`` (``fastis.sample``, with replacement) and returns them with the
+      weights ``w_i = 1 / (B g_i)``; ``update`` is then a no-op.
+
+    ``tau = a_tau * tau + (1 - a_tau) * compute_tau(scores)``, starting at 0, so with
+    constant scores of ``compute_tau = c`` it switches on at the first step ``t`` with
+    ``c (1 - a_tau^t) > tau_th``.
+
+    The index stream: one random permutation of the data set per pass, consumed ``b`` or
+    ``B`` at a time across steps and epochs; a presample is thus ``B`` distinct examples,
+    and the weighted batch is unbiased for the presample's mean. A batch never straddles
+    two passes: the rest of a pass too short for the next batch is skipped (as with
+    ``drop_last=True``, a different rest each pass), so ``len(sampler)``, the batches per
+    epoch, is ``shard_size // b`` (one pass at ``b`` per step; importance steps consume
+    ``B`` each, so an epoch of ``len`` batches covers more than a pass when on). The
+    permutation of pass ``k`` and the per-rank draw generator are seeded from a hash of all
+    64 bits of ``seed`` with ``k`` and the rank (``fastis.sampling.stream.derive_seed``).
+
+    Synchronisation: the on/off decision reads ``tau`` on the host once per yielded batch
+    (waiting, on CUDA, only for the work queued up to the last update; see
+    ``SmoothedTau``). Nothing else in ``select``/``update`` synchronises: counters stay on
+    the device until ``stats()``.
+
+    ``DataLoader`` with ``num_workers > 0``: the loader draws indices ahead of training
+    (``num_workers * prefetch_factor`` batches), so a batch's mode is decided from ``tau``
+    as it was that many steps earlier (still unbiased: ``select`` follows the mode recorded
+    with each batch). The batch sampler runs in the main process, so ``select`` sees the
+    same object.
+
+    Bad scores: a score function that returns a non-tensor, a non-floating tensor or the
+    wrong shape raises (``TypeError`` / ``ValueError``). A ``select`` that raises (there, or
+    in ``model`` or ``score_fn``) leaves the sampler as it was: the batch stays queued and
+    the call can be retried. NaN, infinite or negative scores (checked on the device) make
+    that step fall back to uniform selection among the presample (unit weights) and leave
+    ``tau`` unchanged; they are counted in ``stats()['invalid_score_steps']``. All-zero
+    scores select uniformly too (``'zero_score_steps'``) and count as ``compute_tau = 1``.
+    An example scored exactly 0 is never selected, which is unbiased only if its gradient
+    is 0 (true for the default score; for a score function of your own, make zero mean
+    zero gradient).
+
+    Distributed (``torch.distributed`` initialised; ``num_replicas > 1`` requires it): each
+    rank draws from its own shard of every permutation (``perm[rank::num_replicas]``,
+    padded as ``DistributedSampler``); the ranks consume their shards in lockstep, so their
+    batches are disjoint at every step. Each ``tau`` update all-reduces the ranks'
+    ``tau_new`` (the mean over the ranks whose scores were valid), so every rank holds the
+    same ``tau``, bit for bit, and switches at the same step: ``select`` (when on) and
+    ``update`` (when off) are collectives, to be called every step on every rank.
+    ``set_epoch`` is accepted and ignored (the stream continues across epochs).
+
+    Args:
+        data_source: a sized (map-style) data set, or its size ``N``.
+        batch_size: ``b``, the training batch size.
+        presample_size: ``B >= b`` (default ``3 b``), at most the shard size.
+        tau_th: the switch threshold (default ``(B + 3b) / (3b)``); ``float('inf')`` never
+            switches on, a negative value switches on from the first step.
+        a_tau: smoothing of ``tau``, in ``[0, 1)`` (default 0.9; 0: no smoothing).
+        score_fn: ``score_fn(outputs, targets) -> [n]`` scores, ``outputs = model(inputs)``
+            (default ``fastis.score``, the gradient-norm bound from logits). E.g. the exact
+            last-layer norm with a model returning ``(features, logits)``:
+            ``lambda out, y: fastis.score(out[1], y, features=out[0])``; a regression's
+            ``lambda out, y: (out - y).flatten(1).norm(dim=1)``; or the loss (biased
+            baseline).
+        chunk_size: score the presample this many rows at a time (default: all at once).
+        eval_scoring: score an ``nn.Module`` in eval mode (no dropout, no BatchNorm
+            statistics update), restoring its mode after (default True).
+        inference_mode: score under ``torch.inference_mode`` (default True: no autograd
+            bookkeeping at all); False scores under ``torch.no_grad``, for models that
+            cache tensors during a forward pass (e.g. lazily built tables), which would
+            otherwise be inference tensors that training cannot use.
+        seed: an int in ``[0, 2^64 - 1]``; seeds the permutations (the same on all ranks)
+            and the per-rank draw generator; default: drawn from torch's default generator
+            (``torch.manual_seed`` makes runs reproducible), broadcast from rank 0 when
+            distributed.
+        num_replicas, rank: as ``DistributedSampler`` (default: from the process group).
+
+    Attributes:
+        tau, tau_th, is_active: the switch (``tau`` and ``is_active`` read the device).
+        steps, steps_importance, steps_uniform: selected batches, in all and per mode.
+        last_indices: data set indices of the batch ``select`` last returned (a tensor on
+            the batch's device).
+
+    Example:
+        >>> sampler = fastis.ImportanceSampler(len(X), batch_size=128, seed=0)
+        >>> for idx in sampler:
+        ...     x, y, w = sampler.select(model, X[idx], Y[idx])
+        ...     loss, g = fastis.cross_entropy(model(x), y, sample_weight=w, return_score=True)
+        ...     sampler.update(g)
+        ...     opt.zero_grad(); loss.backward(); opt.step()
+    """
+
+    def __init__(
+        self,
+        data_source,
+        batch_size: int,
+        *,
+        presample_size: int | None = None,
+        tau_th: float | None = None,
+        a_tau: float = 0.9,
+        score_fn: Callable | None = None,
+        chunk_size: int | None = None,
+        eval_scoring: bool = True,
+        inference_mode: bool = True,
+        seed: int | None = None,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ):
+        b = int_arg("batch_size", batch_size)
+        big_b = 3 * b if presample_size is None else int_arg("presample_size", presample_size)
+        if big_b < b:
+            raise ValueError(f"presample_size must be >= batch_size={b}, got {big_b}")
+        self.presample_size = big_b
+        self.tau_th = default_tau_th(b, big_b) if tau_th is None else float_arg("tau_th", tau_th)
+        self.a_tau = float_arg("a_tau", a_tau)
+        if not 0.0 <= self.a_tau < 1.0:
+            raise ValueError(f"a_tau must be in [0, 1), got {self.a_tau}")
+        if score_fn is not None and not callable(score_fn):
+            raise TypeError(f"score_fn must be callable, got {type(score_fn).__name__}")
+        self.score_fn = score_fn if score_fn is not None else default_score
+        self.chunk_size = None if chunk_size is None else int_arg("chunk_size", chunk_size)
+        self.eval_scoring = bool(eval_scoring)
+        self.inference_mode = bool(inference_mode)
+        super().__init__(
+            data_source, b, seed=seed, num_replicas=num_replicas, rank=rank, need_group=True
+        )
+        if self.shard_size < big_b:
+            what = "data set" if self.num_replicas == 1 else f"shard of rank {self.rank}"
+            raise ValueError(
+                f"the {what} has {self.shard_size} examples, fewer than presample_size={big_b}"
+                f" (data set of {self.num_samples}, {self.num_replicas} replicas)"
+            )
+        self._switch = SmoothedTau(self.distributed)
+        self._stream = Permutations(
+            self.num_samples, self.num_replicas, self.rank, self.seed, _PERMUTATION
+        )
+        self._draw = PresampleDraw(derive_seed(self.seed, _DRAWS, self.rank))
+        self.steps_importance = 0
+        self.steps_uniform = 0
+        self.last_indices: torch.Tensor | None = None
+
+    # -- the index stream ---------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Batches per epoch: ``shard_size // batch_size`` (one pass at ``b`` per step; the
+        stream continues across epochs)."""
+        return self.shard_size // self.batch_size
+
+    def _draw_batch(self) -> PresampleBatch:
+        active = self._switch.host_value() > self.tau_th  # the one host read of tau per step
+        positions = self._stream.take(self.presample_size if active else self.batch_size)
+        return PresampleBatch(positions.tolist(), active, positions)
+
+    def _batch_from_state(self, b) -> PresampleBatch:
+        active = b.get("active") if isinstance(b, dict) else None
+        if not isinstance(active, bool):
+            raise TypeError(f"state_dict['pending'] entries need a bool 'active', got {b!r}")
+        sizes = (self.presample_size,) if active else (self.batch_size,)
+        idx = indices_from_state(b, "indices", sizes, self.num_samples)
+        return PresampleBatch(idx, active, torch.tensor(idx, dtype=torch.int64))
+
+    # -- per step -------------------------------------------------------------------------
+
+    def select(self, model, inputs, targets):
+        """The training batch of this step, and its importance weights.
+
+        Args:
+            model: a callable ``inputs -> outputs`` (the model, or e.g.
+                ``lambda b: hf_model(**b).logits``); called without gradient on the
+                presample when importance sampling is on, unused otherwise.
+            inputs: the rows of the yielded indices (a tensor, or a tuple/list/dict of
+                tensors with one leading row each), on the model's device.
+            targets: the matching targets (or None when ``score_fn`` needs none).
+
+        Returns:
+            ``(inputs, targets, weights)``: the batch itself with unit weights when off; the
+            ``b`` rows drawn from the presample (same structure) with float32 weights
+            ``1 / (B g_i)`` when on. ``last_indices`` holds their data set indices.
+        """
+        batch = self._peek(inputs, targets)
+        dev = device_of(targets if targets is not None else inputs)
+        positions = batch.positions.to(dev, non_blocking=True)
+        if not batch.active:
+            self._commit(len(positions))
+            self.steps_uniform += 1
+            self.last_indices = positions
+            return inputs, targets, torch.ones(len(positions), device=dev)
+        scores = score_presample(  # may raise: nothing has changed yet
+            model,
+            self.score_fn,
+            inputs,
+            targets,
+            chunk_size=self.chunk_size,
+            eval_mode=self.eval_scoring,
+            inference=self.inference_mode,
+        )
+        summary = score_summary(scores)
+        s, total, valid, _ = summary
+        self._switch.observe(tau_from_sum(s, total), valid, self.a_tau)
+        pos, w = self._draw.draw(*summary, self.batch_size)
+        self._commit(self.batch_size, needs_update=False)
+        self.steps_importance += 1
+        self.last_indices = positions.index_select(0, pos.to(dev))
+        return take_rows(inputs, pos), take_rows(targets, pos), w
+
+    def update(self, scores: torch.Tensor) -> None:
+        """Feeds back the training batch's scores (``[n]``, one per row that ``select``
+        returned, e.g. from ``fastis.cross_entropy(..., return_score=True)``).
+
+        When off this updates ``tau`` (all-reduced when distributed); when on ``tau`` was
+        already updated from the presample and the scores are only checked. Call it once
+        per step, after ``select``.
+        """
+        on = self._owed_update is not None and not self._owed_needed
+        scores = self._take_update(scores)
+        if not on:
+            s, total, valid, _ = score_summary(scores)
+            self._draw.count_invalid(valid)
+            self._switch.observe(tau_from_sum(s, total), valid, self.a_tau)
+
+    # -- what a user logs -------------------------------------------------------------
+
+    @property
+    def tau(self) -> float:
+        """The smoothed variance-reduction estimate (reads it on the host)."""
+        return float(self._switch.tau)
+
+    @property
+    def is_active(self) -> bool:
+        """Whether the next batch drawn will be a presample (``tau > tau_th``)."""
+        return self.tau > self.tau_th
+
+    def stats(self) -> dict:
+        """Plain values to log (one host synchronisation): ``tau``, ``tau_new`` (the last
+        update's, NaN if skipped), ``tau_th``, ``is_active``, ``steps``,
+        ``steps_importance``, ``steps_uniform``, ``mean_weight`` / ``max_weight`` (over the
+        importance-sampled examples; NaN / 0 before any), ``invalid_score_steps`` (NaN,
+        inf or negative scores: tau kept, uniform fallback), ``zero_score_steps``,
+        ``missing_updates`` (off steps whose scores were never fed back: tau cannot rise)."""
+        tau, tau_new = torch.stack([self._switch.tau.cpu(), self._switch.tau_new.cpu()]).tolist()
+        counts = self._draw.values()
+        n_weights = self.steps_importance * self.batch_size
+        return {
+            "tau": tau,
+            "tau_new": tau_new,
+            "tau_th": self.tau_th,
+            "is_active": tau > self.tau_th,
+            "steps": self.steps,
+            "steps_importance": self.steps_importance,
+            "steps_uniform": self.steps_uniform,
+            "mean_weight": counts["weight_sum"] / n_weights if n_weights else float("nan"),
+            "max_weight": counts["weight_max"],
+            "invalid_score_steps": int(counts["invalid_steps"]),
+            "zero_score_steps": int(counts["zero_steps"]),
+            "missing_updates": self.missing_updates,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"ImportanceSampler(num_samples={self.num_samples}, batch_size={self.batch_size}"
+            f", presample_size={self.presample_size}, tau_th={self.tau_th:.4g}, "
+            f"a_tau={self.a_tau}, num_replicas={self.num_replicas}, rank={self.rank})"
+        )
+
+    # -- checkpoints ------------------------------------------------------------------
+
+    _STATE_KEYS = (
+        "config",
+        "tau",
+        "tau_new",
+        *PresampleDraw.COUNTERS,
+        "pass",
+        "cursor",
+        "steps_importance",
+        "steps_uniform",
+        "generator",
+        *STREAM_KEYS,
+    )
+
+    def _config(self) -> dict:
+        return {
+            "num_samples": self.num_samples,
+            "batch_size": self.batch_size,
+            "presample_size": self.presample_size,
+            "tau_th": self.tau_th,
+            "a_tau": self.a_tau,
+            "seed": self.seed,
+            "num_replicas": self.num_replicas,
+            "rank": self.rank,
+        }
+
+    def state_dict(self) -> dict:
+        """Plain values and CPU tensors under named keys: the configuration (checked on
+        load), ``tau`` / ``tau_new``, the counters behind ``stats()``, the stream position
+        (``pass``, ``cursor``), the batches yielded but not yet selected (a prefetching
+        ``DataLoader``'s, replayed first after a resume) and the draw generator's state.
+        Reads the device state once (a synchronisation). Format version 2."""
+        return {
+            "kind": type(self).__name__,
+            "version": STATE_VERSION,
+            "config": self._config(),
+            **self._switch.state_dict(),
+            **self._draw.state_dict(),
+            **self._stream.state_dict(),
+            "steps_importance": self.steps_importance,
+            "steps_uniform": self.steps_uniform,
+            **self._stream_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restores a ``state_dict()`` of a sampler with the same configuration (data set
+        size, sizes, ``tau_th``, ``a_tau``, seed, ranks; else ``ValueError``), validating
+        every value as the constructor validates its arguments (types, ranges, shapes; a
+        refused state leaves the sampler unchanged). The next iteration continues the
+        interrupted epoch, replaying the batches that were yielded but not selected, so a
+        resumed run draws what the uninterrupted one would have. The draw generator's
+        state applies when its device type matches (otherwise it is re-seeded). Take
+        ``state_dict()`` between steps (after ``update``)."""
+        check_header(
+            state_dict, type(self).__name__, STATE_VERSION, self._STATE_KEYS, self._config()
+        )
+        st = state_dict
+        position = self._stream.parse_state(st)
+        steps_importance = state_int(st, "steps_importance")
+        steps_uniform = state_int(st, "steps_uniform")
+        draws = self._draw.parse_state(st)
+        if (
+            float(draws["zero_steps"]) > steps_importance
+            or float(draws["invalid_steps"]) > steps_importance + steps_uniform
+        ):
+            raise ValueError("state_dict's invalid_steps / zero_steps exceed its step counts")
+        tau = self._switch.parse_state(st)
+        stream = self._parse_stream_state(st)
+        if stream["steps"] != steps_importance + steps_uniform:
+            raise ValueError(
+                f"state_dict['steps']={stream['steps']} must equal steps_importance + "
+                f"steps_uniform = {steps_importance + steps_uniform}"
+            )
+        # all checked: restore
+        self._switch.restore(*tau)
+        self._draw.restore(draws)
+        self._stream.restore(position)
+        self.steps_importance, self.steps_uniform = steps_importance, steps_uniform
+        self._restore_stream(stream)
