@@ -25,8 +25,6 @@ def check_logits_target(logits, target, label_smoothing) -> None:
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
     if logits.dim() not in (2, 3):
         raise ValueError(f"logits must be [N, C] or [B, T, C], got shape {tuple(logits.shape)}")
-    if logits.shape[-1] == 0:
-        raise ValueError(f"logits must have at least one class, got shape {tuple(logits.shape)}")
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits on {logits.device}")
     if target.is_floating_point():

@@ -9,9 +9,10 @@ Runs the op ``fastis::softmax_xent`` and its backward ``fastis::softmax_xent_gra
 import torch
 
 from fastis._checks import bool_arg, check_logits_target, check_rows, index_arg
+from fastis.class_weight import apply_class_weight, check_class_weight
 from fastis.constants import IGNORE_INDEX, REDUCTIONS
 from fastis.ops import InplaceSoftmaxXent, count_rows, softmax_xent_autograd
-from fastis.score import sequence_norm
+from fastis.score import sequence_norm, unsqueeze_unbatched
 
 
 def cross_entropy(
@@ -19,6 +20,7 @@ def cross_entropy(
     target: torch.Tensor,
     *,
     sample_weight: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
     reduction: str = "mean",
     ignore_index: int = IGNORE_INDEX,
     label_smoothing: float = 0.0,
@@ -59,6 +61,12 @@ def cross_entropy(
             probabilities shaped like ``logits`` (soft targets: ``ignore_index`` does not
             apply, every row counts; any real values are accepted, as in torch).
         sample_weight: optional non-negative floating ``[N]`` (``[B]`` for sequences).
+        weight: optional per-class weights ``[C]``, as ``F.cross_entropy``'s ``weight``
+            (the same loss, and for ``'mean'`` torch's division by ``sum_i w_{y_i}`` over
+            the non-ignored rows, by the number of rows for soft targets); combined with
+            ``sample_weight``, ``'mean'`` is ``sum_i s_i w_{y_i} L_i / sum_i w_{y_i}``.
+            With smoothing or soft targets the weighted target is formed densely
+            (``[rows, C]``).
         reduction: ``'none'`` | ``'mean'`` | ``'sum'``.
         ignore_index: rows (tokens) with this target have loss 0, gradient 0, score 0, and
             do not count in ``'mean'``.
@@ -86,27 +94,46 @@ def cross_entropy(
         >>> loss, g = fastis.cross_entropy(model(x), y, sample_weight=w, return_score=True)
         >>> loss.backward()
     """
+    logits, target, unbatched = unsqueeze_unbatched(logits, target)
+    if unbatched and isinstance(sample_weight, torch.Tensor):
+        sample_weight = sample_weight.reshape(1) if sample_weight.dim() == 0 else sample_weight
     check_logits_target(logits, target, label_smoothing)
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     ignore_index = index_arg("ignore_index", ignore_index)
     return_score, inplace = bool_arg("return_score", return_score), bool_arg("inplace", inplace)
-    weight = None if sample_weight is None else _checked_weight(sample_weight, logits)
+    row_weight = None if sample_weight is None else _checked_weight(sample_weight, logits)
     if target.dtype == torch.uint8:
         target = target.long()
-    eps = float(label_smoothing)
+    eps, factor, ignored = float(label_smoothing), None, None
+    if weight is not None:
+        check_class_weight(weight, logits)
+        if not target.is_floating_point() and eps:
+            ignored = target == ignore_index  # the dense target below has no ignore rule
+        target, eps, factor, count = apply_class_weight(logits, target, weight, ignore_index, eps)
+        if factor is not None:
+            row_weight = factor if row_weight is None else row_weight * factor
+    else:
+        count = count_rows(target, logits, ignore_index) if reduction == "mean" or inplace else None
     if inplace:
         check_inplace(logits)
         loss, score = InplaceSoftmaxXent.apply(
-            logits, target, weight, reduction, ignore_index, eps, _reduce
+            logits, target, row_weight, reduction, ignore_index, eps, count, _reduce
         )
     else:
         loss, score = softmax_xent_autograd(logits, target, ignore_index, eps, return_score)
-        count = count_rows(target, logits, ignore_index) if reduction == "mean" else None
-        loss = _reduce(loss, weight, reduction, count)
+        if ignored is not None:
+            loss = torch.where(ignored, 0.0, loss)
+        loss = _reduce(loss, row_weight, reduction, count)
+    if unbatched and reduction == "none":
+        loss = loss[0]
     if not return_score:
         return loss
-    return loss, sequence_norm(score.detach(), logits).float()
+    score = score.detach()
+    if factor is not None:
+        score = score * factor.abs()
+    score = sequence_norm(score, logits).float()
+    return loss, score[0] if unbatched else score
 
 
 def _reduce(row_loss, weight, reduction, count):

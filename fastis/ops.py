@@ -40,7 +40,11 @@ def _out_dtype(logits: torch.Tensor) -> torch.dtype:
 
 def _triton(logits: torch.Tensor) -> bool:
     """The one backend decision of a call."""
-    return logits.dtype != torch.float64 and kernel_backend(logits) == "triton"
+    return (
+        logits.dtype != torch.float64
+        and logits.shape[-1] > 0
+        and kernel_backend(logits) == "triton"
+    )
 
 
 def _check_values(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> None:
@@ -349,11 +353,12 @@ class InplaceSoftmaxXent(torch.autograd.Function):
     forward; backward only rescales it by the incoming gradient (nothing when that is 1)."""
 
     @staticmethod
-    def forward(ctx, logits, target, weight, reduction, ignore_index, label_smoothing, reduce):
+    def forward(
+        ctx, logits, target, weight, reduction, ignore_index, label_smoothing, count, reduce
+    ):
         factor = torch.ones(logits.shape[:-1], dtype=_out_dtype(logits), device=logits.device)
         if weight is not None:
             factor = factor * weight
-        count = count_rows(target, logits, ignore_index)
         if reduction == "mean":
             factor = factor / count
         row_loss, score = softmax_xent_(logits, target, ignore_index, label_smoothing, factor)
@@ -362,7 +367,9 @@ class InplaceSoftmaxXent(torch.autograd.Function):
         # cannot rebase for a multi-output Function. The op bumps their version counter, so
         # any other op that saved them for backward raises there instead of going wrong.
         ctx.save_for_backward(logits, row_loss, count)
-        ctx.reduction, ctx.sequences, ctx.consumed = reduction, logits.dim() == 3, False
+        ctx.reduction, ctx.consumed = reduction, False
+        # a per-sequence weight [B, 1] collects its tokens' gradients
+        ctx.per_sequence = weight is not None and weight.dim() == 2 and weight.shape[1] == 1
         ctx.mark_non_differentiable(score)
         return loss, score
 
@@ -387,10 +394,10 @@ class InplaceSoftmaxXent(torch.autograd.Function):
             grad_weight = row_loss * grad_loss
             if ctx.reduction == "mean":
                 grad_weight = grad_weight / count
-            if ctx.sequences:
+            if ctx.per_sequence:
                 grad_weight = grad_weight.sum(1, keepdim=True)
         scale_rows_(grad, grad_loss)
-        return grad, None, grad_weight, None, None, None, None
+        return grad, None, grad_weight, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------

@@ -43,6 +43,8 @@ def softmax_xent(
     """
     rows = logits.shape[:-1]
     C = logits.shape[-1]
+    if C == 0:  # no class to be right about: a row counts only if ignored (or soft)
+        return _no_classes(logits, target, ignore_index, compute_grad)
     z = logits.reshape(-1, C)
     t = target.reshape(-1, C) if target.is_floating_point() else target.reshape(-1)
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -78,6 +80,16 @@ def softmax_xent(
         if compute_grad:
             grad[i : i + step] = out[2]
     return (loss.view(rows), score.view(rows), grad.view(logits.shape) if compute_grad else None)
+
+
+def _no_classes(logits, target, ignore_index, compute_grad):
+    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    rows = logits.shape[:-1]
+    if target.is_floating_point():
+        loss = torch.zeros(rows, dtype=compute, device=logits.device)
+    else:
+        loss = torch.where(target == ignore_index, 0.0, float("nan")).to(compute)
+    return loss, loss.clone(), torch.empty_like(logits) if compute_grad else None
 
 
 def _rows(z, target, ignore_index, eps, compute_grad, scale):
@@ -149,11 +161,11 @@ def cross_entropy_rows(
     Elsewhere (a class index out of range would trip a device assertion there, where
     ``softmax_xent`` marks the row NaN) it is ``softmax_xent`` itself.
     """
-    if logits.device.type != "cpu":
+    C = logits.shape[-1]
+    if logits.device.type != "cpu" or C == 0:
         return softmax_xent(
             logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing
         )[0]
-    C = logits.shape[-1]
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
     z = logits.reshape(-1, C).to(compute)
     t = (
@@ -214,6 +226,8 @@ def cross_entropy_grad(
     get 0, class indices out of range NaN rows, as in ``softmax_xent``.
     """
     C = logits.shape[-1]
+    if C == 0:
+        return torch.empty_like(logits)
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
     p = torch.softmax(logits.to(compute), -1)
     eps = label_smoothing

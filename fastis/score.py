@@ -8,6 +8,7 @@ Runs the op ``fastis::softmax_xent`` (``fastis.ops``): the Triton kernel
 import torch
 
 from fastis._checks import bool_arg, check_logits_target, check_rows, index_arg
+from fastis.class_weight import apply_class_weight, check_class_weight
 from fastis.constants import IGNORE_INDEX
 from fastis.ops import softmax_xent
 
@@ -18,6 +19,7 @@ def score(
     *,
     features: torch.Tensor | None = None,
     bias: bool = True,
+    weight: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
@@ -41,8 +43,15 @@ def score(
             gradients taken together; it equals the true norm for ``T = 1`` and bounds the
             norm of their sum by a factor ``sqrt(T)`` (the sum itself does not factor).
         bias: whether that layer has a bias.
+        weight: optional per-class weights ``[C]``, as ``F.cross_entropy``'s ``weight``:
+            the score is then the gradient norm of the class-weighted loss (``|w_y| G_i``
+            for class indices without smoothing; ``||T p - t'||`` with ``t'_c = w_c t_c``
+            otherwise).
         ignore_index: rows (tokens) with this target score 0.
         label_smoothing: as in ``torch.nn.functional.cross_entropy``.
+
+    An unbatched ``[C]`` input (with a 0-d class index, or ``[C]`` probabilities) gives a
+    0-d score, as ``F.cross_entropy`` accepts it.
 
     Returns:
         float32 scores ``[N]`` (``[B]`` for sequences: ``sqrt(sum_t G_bt^2)`` over the
@@ -58,20 +67,41 @@ def score(
         >>> loss = torch.nn.functional.cross_entropy(logits, y)
         >>> g = fastis.score(logits, y)   # importance of each example in the batch
     """
+    logits, target, unbatched = unsqueeze_unbatched(logits, target)
     check_logits_target(logits, target, label_smoothing)
     ignore_index = index_arg("ignore_index", ignore_index)
     bias = bool_arg("bias", bias)
     if features is not None:
+        features = features[None] if unbatched and isinstance(features, torch.Tensor) else features
         check_rows("features", features, logits, trailing=True)
+    if weight is not None:
+        check_class_weight(weight, logits)
     if target.dtype == torch.uint8:
         target = target.long()
+    eps, factor = float(label_smoothing), None
     with torch.no_grad():
-        _, g = softmax_xent(
-            logits.detach(), target.detach(), ignore_index, float(label_smoothing), True
-        )
+        logits, target = logits.detach(), target.detach()
+        if weight is not None:
+            target, eps, factor, _ = apply_class_weight(logits, target, weight, ignore_index, eps)
+        _, g = softmax_xent(logits, target, ignore_index, eps, True)
+        if factor is not None:
+            g = g * factor.abs()
         if features is not None:
             g = scale_by_features(g, features.detach(), bias)
-        return sequence_norm(g, logits).float()
+        g = sequence_norm(g, logits).float()
+    return g[0] if unbatched else g
+
+
+def unsqueeze_unbatched(logits, target):
+    """An unbatched ``[C]`` input (target ``[]``, or ``[C]`` probabilities) as one row."""
+    if (
+        isinstance(logits, torch.Tensor)
+        and isinstance(target, torch.Tensor)
+        and logits.dim() == 1
+        and target.dim() == (1 if target.is_floating_point() else 0)
+    ):
+        return logits[None], target[None], True
+    return logits, target, False
 
 
 def scale_by_features(g: torch.Tensor, features: torch.Tensor, bias: bool) -> torch.Tensor:

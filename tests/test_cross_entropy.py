@@ -516,3 +516,69 @@ def test_meta_tensors_give_meta_results():
 def test_bad_options(kwargs, error, match):
     with pytest.raises(error, match=match):
         fastis.cross_entropy(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), **kwargs)
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["", "inplace"])
+@pytest.mark.parametrize("kind", ["hard", "smoothed", "soft", "sequences"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_class_weight_matches_torch(backend, device, kind, reduction, inplace):
+    # torch's per-class weight=: the loss, torch's weighted mean, the gradients, and the
+    # score as the norm of the weighted loss's gradient
+    shape = (3, 4, 6) if kind == "sequences" else (9, 6)
+    logits, target, _ = make(shape, torch.float32, device, seed=19, soft=kind == "soft", ignore=0.3)
+    eps = 0.2 if kind == "smoothed" else 0.0
+    cw = (torch.rand(6, generator=torch.Generator().manual_seed(20)) + 0.1).to(device)
+    z = logits.clone().requires_grad_(True)
+    loss, score = fastis.cross_entropy(
+        z.clone() if inplace else z,
+        target,
+        weight=cw,
+        reduction=reduction,
+        label_smoothing=eps,
+        return_score=True,
+        inplace=inplace,
+    )
+    ref_z = logits.double().requires_grad_(True)
+    C = shape[-1]
+    flat_t = target.double().reshape(-1, C) if kind == "soft" else target.reshape(-1)
+    ref = F.cross_entropy(
+        ref_z.reshape(-1, C), flat_t, weight=cw.double(), reduction=reduction, label_smoothing=eps
+    )
+    ref = ref.reshape(shape[:-1]) if reduction == "none" else ref
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-5, atol=1e-6)
+    v = torch.linspace(-1, 1, ref.numel(), dtype=torch.float64, device=device).view(ref.shape)
+    (grad,) = torch.autograd.grad(loss, z, v.to(loss.dtype))
+    (ref_grad,) = torch.autograd.grad(ref, ref_z, v)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=2e-5, atol=1e-6)
+    # score: norm of the per-row gradient of the weighted (summed) loss
+    zz = ref_z.detach().reshape(-1, C).requires_grad_(True)
+    rows = F.cross_entropy(zz, flat_t, weight=cw.double(), reduction="none", label_smoothing=eps)
+    (g_rows,) = torch.autograd.grad(rows.sum(), zz)
+    expected = g_rows.norm(dim=-1).reshape(shape[:-1])
+    if kind == "sequences":
+        expected = expected.norm(dim=1)
+    torch.testing.assert_close(score.double(), expected, rtol=2e-5, atol=1e-6)
+    alone = fastis.score(logits, target, weight=cw, label_smoothing=eps)
+    torch.testing.assert_close(alone, score, rtol=1e-6, atol=1e-7)
+
+
+def test_unbatched_and_no_classes_like_torch(backend, device):
+    z = torch.randn(5, device=device, requires_grad=True)
+    for y in (torch.tensor(3, device=device), torch.softmax(torch.randn(5, device=device), 0)):
+        loss = fastis.cross_entropy(z, y, reduction="none")
+        ref = F.cross_entropy(z, y, reduction="none")
+        assert loss.shape == ref.shape == ()
+        torch.testing.assert_close(loss, ref)
+        torch.testing.assert_close(torch.autograd.grad(loss, z)[0], torch.autograd.grad(ref, z)[0])
+        assert fastis.score(z, y).shape == ()
+    empty = torch.randn(3, 0, device=device)
+    ignored = torch.full((3,), -100, device=device)
+    torch.testing.assert_close(
+        fastis.cross_entropy(empty, ignored, reduction="none"),
+        F.cross_entropy(empty, ignored, reduction="none"),
+    )
+    assert fastis.cross_entropy(empty, ignored).isnan()  # mean over no rows, as torch
+    assert fastis.score(empty, ignored).tolist() == [0.0, 0.0, 0.0]
+    if device == "cpu":
+        with pytest.raises(ValueError, match=r"outside \[0, 0\)"):
+            fastis.cross_entropy(empty, torch.zeros(3, dtype=torch.long))

@@ -1,4 +1,4 @@
-"""The softmax cross-entropy kernels compile for a Hopper GPU (sm_90), without one.
+"""Every Triton kernel compiles for a Hopper GPU (sm_90), without one.
 
 The interpreter runs the kernels' semantics on the CPU, but it is more permissive than the
 compiler (types of loop-carried values, constexpr rules, scalar/tensor mixes). Compiling to
@@ -40,17 +40,12 @@ WRITE_GRAD = {"xent_hard": (False, True), "xent_smooth": (False, True),
               "xent_soft": (False, True), "scale_rows": (None,)}  # fmt: skip
 
 SCRIPT = textwrap.dedent("""
-    import json, os, subprocess, sys, tempfile
+    import importlib, json, os, subprocess, sys, tempfile
     import triton
     import triton.backends.nvidia as nvidia
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from fastis._triton import scale_rows, xent_hard, xent_smooth, xent_soft
 
-    KERNELS = {"xent_hard": xent_hard._xent_hard_kernel,
-               "xent_smooth": xent_smooth._xent_smooth_kernel,
-               "xent_soft": xent_soft._xent_soft_kernel,
-               "scale_rows": scale_rows._scale_rows_kernel}
     CUOBJDUMP = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
 
     def resources(cubin):
@@ -62,9 +57,12 @@ SCRIPT = textwrap.dedent("""
         line = next(x for x in out.splitlines() if "REG:" in x)
         return dict(kv.split(":", 1) for kv in line.split() if ":" in kv)
 
-    done = {}
+    done, kernels = {}, set()
     for job in json.loads(sys.argv[1]):
-        fn = KERNELS[job["kernel"]]
+        module = importlib.import_module(job["module"])
+        kernels |= {f"{job['module']}.{name}" for name, obj in vars(module).items()
+                    if isinstance(obj, triton.runtime.JITFunction) and name.endswith("_kernel")}
+        fn = getattr(module, job["kernel"])
         sig = {name: job["int"] for name in fn.arg_names}  # sizes and strides
         sig.update({name: "*" + t for name, t in job["pointers"].items()})
         sig.update({name: "fp32" for name in job["floats"]})
@@ -74,10 +72,29 @@ SCRIPT = textwrap.dedent("""
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": job["num_warps"]})
         res = resources(k.asm["cubin"])
-        done[job["name"]] = {"regs": int(res["REG"]), "stack": int(res["STACK"]),
+        done[job["name"]] = {"kernel": f"{job['module']}.{job['kernel']}",
+                             "regs": int(res["REG"]), "stack": int(res["STACK"]),
                              "local": int(res["LOCAL"])}
-    print(json.dumps(done))
+    print(json.dumps({"done": done, "kernels": sorted(kernels)}))
 """)
+
+
+def compile_all(todo):
+    """Compiles ``todo`` in a subprocess (no interpreter); every ``_*_kernel`` of the
+    modules involved must be among the jobs. Returns the registers and spills per job."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, json.dumps(todo)],
+        capture_output=True, text=True, env=env, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    done = out["done"]
+    assert set(done) == {job["name"] for job in todo}
+    assert {res["kernel"] for res in done.values()} == set(out["kernels"])
+    for name, res in sorted(done.items()):
+        print(f"{name:48s} {res['regs']:4d} registers, stack {res['stack']}, local {res['local']}")
+    return done
 
 
 def jobs():
@@ -92,7 +109,8 @@ def jobs():
             if write is not None:
                 constexprs["WRITE_GRAD"] = write
             out.append({
-                "kernel": kernel, "pointers": pointers(dtype, int_type),
+                "module": f"fastis._triton.{kernel}", "kernel": f"_{kernel}_kernel",
+                "pointers": pointers(dtype, int_type),
                 "floats": FLOATS.get(kernel, []), "int": int_type,
                 "constexprs": constexprs, "num_warps": num_warps,
                 "name": f"{kernel} {dtype}/{int_type} grad={write} {block_n}x{block_c}",
@@ -100,15 +118,40 @@ def jobs():
     return out
 
 
-def test_kernels_compile_for_sm90():
-    todo = jobs()
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, json.dumps(todo)],
-        capture_output=True, text=True, env=env, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    done = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(done) == {job["name"] for job in todo}
-    for name, res in sorted(done.items()):
-        print(f"{name:48s} {res['regs']:4d} registers, stack {res['stack']}, local {res['local']}")
+def test_xent_kernels_compile_for_sm90():
+    compile_all(jobs())
+
+
+def alias_jobs():
+    """The alias kernels at the launchers' configurations (32-bit and 64-bit builds)."""
+    from fastis._triton import alias as A
+
+    p64, i32 = "fp64", "i32"
+    fill = dict(Total=p64, A=p64, H=p64, OffA=p64, OffH=p64, PrevA=p64, PrevH=p64, EndA=p64,
+                EndH=p64, ScaleH=p64, Prob=p64, Probs=p64)  # fmt: skip
+    fill_consts = {"BLOCK": A.SCAN_BLOCK, "IN_STEPS": A.SCAN_BLOCK.bit_length()}
+    specs = {
+        "scan": ("_alias_scan_kernel", dict(W="fp32", Total=p64, A=p64, H=p64, BlockA=p64,
+                 BlockH=p64), i32, {"BLOCK": A.SCAN_BLOCK}, A.SCAN_WARPS),
+        "fill": ("_alias_fill_kernel", dict(fill, W="fp32", Alias="i32"), i32, fill_consts,
+                 A.FILL_WARPS),
+        "fill_int64": ("_alias_fill_kernel", dict(fill, W="bf16", Alias="i64"), "i64",
+                       fill_consts, A.FILL_WARPS),
+        "sample": ("_alias_sample_kernel", dict(Prob=p64, Alias="i32", Seed="i64", Out="i64"),
+                   i32, {"BLOCK": A.SAMPLE_BLOCK}, A.SAMPLE_WARPS),
+        "icdf_bf16": ("_icdf_kernel", dict(W="bf16", Seed="i64", Out="i64", ProbsOut="fp32"),
+                      i32, {"BLOCK_N": A.ICDF_BLOCK_N, "BLOCK_B": A.ICDF_BLOCK_B},
+                      A.ICDF_WARPS),
+    }  # fmt: skip
+    return [
+        {"module": "fastis._triton.alias", "kernel": kernel, "pointers": pointers,
+         "floats": [], "int": int_type, "constexprs": consts, "num_warps": warps,
+         "name": f"alias {name}"}
+        for name, (kernel, pointers, int_type, consts, warps) in specs.items()
+    ]  # fmt: skip
+
+
+def test_alias_kernels_compile_for_sm90_without_spills():
+    for name, res in compile_all(alias_jobs()).items():
+        # the int64 build (N >= 2^31) keeps an 8-byte stack slot; nothing spills beyond it
+        assert res["stack"] <= 8 and res["regs"] < 128, (name, res)
