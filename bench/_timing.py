@@ -5,8 +5,9 @@ pytest benchmarks' conftest, so that every number in ``bench/results/`` is taken
 way:
 
 - ``bench_ms``: median milliseconds of a call (``triton.testing.do_bench``'s CUDA events on
-  a GPU, host clock on the CPU); ``per_step_ms``: the mean of a run of steps with one
-  synchronisation at its end, so that the device's pipelining counts;
+  a GPU, host clock on the CPU); ``interleaved_ms``: per-step times of several variants
+  of a training step, timed in alternating slices with one synchronisation at the end of
+  each slice, so that the device's pipelining counts and drift hits every variant alike;
 - ``copy_bandwidth``: the floor every bandwidth-bound kernel is judged against;
 - ``capture``, ``kernels_launched``, ``synchronises``: the no-sync and CUDA-graph checks;
 - ``pin_glibc_malloc``: stable host timings (below);
@@ -75,17 +76,26 @@ def bench_ms(fn: Callable[[], object], device) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def per_step_ms(step: Callable[[], object], steps: int, device) -> float:
-    """Mean milliseconds per call over ``steps`` calls with one synchronisation at the end
-    (after ``max(3, steps // 10)`` warm-up calls): what a training loop sees."""
-    for _ in range(max(3, steps // 10)):
-        step()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    return (time.perf_counter() - start) / steps * 1e3
+def interleaved_ms(
+    steps: dict[str, Callable[[], object]], calls: int, device, rounds: int = 5
+) -> dict[str, float]:
+    """Median milliseconds per call of each of ``steps``, timed in ``rounds`` alternating
+    slices of ``calls // rounds`` calls (after a warm-up of each), so that a machine whose
+    speed drifts during the measurement slows every variant alike."""
+    per_round = max(1, calls // rounds)
+    for step in steps.values():
+        for _ in range(max(3, per_round // 5)):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(per_round):
+                step()
+            sync(device)
+            times[name].append((time.perf_counter() - start) / per_round * 1e3)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def copy_bandwidth(device, nbytes: int) -> float:

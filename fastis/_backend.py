@@ -7,6 +7,9 @@
 - ``triton``: always the Triton kernels. CPU tensors need ``TRITON_INTERPRET=1`` set before
   the first kernel is used (Triton's interpreter); that is how the tests run the real
   kernel code on machines without a GPU.
+- ``native``: the CMake-built C++ / CUDA library (``fastis._native``) for the softmax
+  cross-entropy ops; raises when the library is not built. The alias sampling keeps its
+  ``auto`` choice.
 """
 
 import functools
@@ -15,7 +18,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "native")
 
 
 @functools.cache
@@ -28,13 +31,22 @@ def _interpreting() -> bool:
 
 
 def kernel_backend(tensor: torch.Tensor) -> str:
-    """``"triton"`` or ``"torch"``: the implementation for a call on ``tensor`` (its device
-    decides, with ``FASTIS_BACKEND``)."""
+    """``"triton"``, ``"native"`` or ``"torch"``: the implementation for a call on ``tensor``
+    (its device decides, with ``FASTIS_BACKEND``)."""
     mode = os.environ.get("FASTIS_BACKEND", "auto").lower()
     if mode not in BACKENDS:
         raise ValueError(f"FASTIS_BACKEND must be one of {BACKENDS}, got {mode!r}")
     if mode == "torch":
         return "torch"
+    if mode == "native":
+        from fastis import _native
+
+        if not _native.available():
+            raise RuntimeError(
+                "FASTIS_BACKEND=native but the native library is not built "
+                "(cmake -S . -B build && cmake --build build)"
+            )
+        return "native"
     if mode == "auto":
         return "triton" if tensor.is_cuda and triton_available() else "torch"
     if not triton_available():

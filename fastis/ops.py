@@ -38,13 +38,23 @@ def _out_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def _triton(logits: torch.Tensor) -> bool:
-    """The one backend decision of a call."""
-    return (
-        logits.dtype != torch.float64
-        and logits.shape[-1] > 0
-        and kernel_backend(logits) == "triton"
-    )
+def _kernels(logits: torch.Tensor):
+    """The one backend decision of a call: the module whose ``softmax_xent`` /
+    ``scale_rows_`` launchers run it (Triton's or the native library's), or None for the
+    torch path (float64 and C = 0 always take it on the Triton backend)."""
+    if logits.shape[-1] == 0:
+        return None
+    backend = kernel_backend(logits)
+    if backend == "native":
+        from fastis import _native
+
+        return _native
+    if backend == "triton" and logits.dtype != torch.float64:
+        # imported on first use: Triton reads TRITON_INTERPRET when the kernels are defined
+        from fastis._triton import softmax_xent as kernel
+
+        return kernel
+    return None
 
 
 def _check_values(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> None:
@@ -54,15 +64,11 @@ def _check_values(logits: torch.Tensor, target: torch.Tensor, ignore_index: int)
         check_target_range(target, logits.shape[-1], ignore_index)
 
 
-def _kernel():
-    # imported on first use: Triton reads TRITON_INTERPRET when the kernels are defined
-    from fastis._triton import softmax_xent as kernel
-
-    return kernel
-
-
-def _row_scale(scale: torch.Tensor) -> torch.Tensor:
-    return scale.reshape(-1).float().contiguous()
+def _row_scale(scale: torch.Tensor, kernels) -> torch.Tensor:
+    """A per-row factor as the launchers take it: flat; float32 for Triton (the native
+    library converts it itself, keeping float64 for float64 logits)."""
+    scale = scale.reshape(-1)
+    return scale if kernels.__name__ == "fastis._native" else scale.float()
 
 
 # --------------------------------------------------------------------------------------
@@ -97,9 +103,10 @@ def _torch_softmax_xent(logits, target, ignore_index, label_smoothing, compute_s
 @softmax_xent.register_kernel(("cpu", "cuda"))
 def _softmax_xent_kernel(logits, target, ignore_index, label_smoothing, compute_score):
     _check_values(logits, target, ignore_index)
-    if not _triton(logits):
+    kernels = _kernels(logits)
+    if kernels is None:
         return _torch_softmax_xent(logits, target, ignore_index, label_smoothing, compute_score)
-    loss, score = _kernel().softmax_xent(
+    loss, score = kernels.softmax_xent(
         logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing
     )
     return loss, score if compute_score else logits.new_empty(0, dtype=loss.dtype)
@@ -164,16 +171,17 @@ def _torch_softmax_xent_grad(logits, target, ignore_index, label_smoothing, grad
 
 @softmax_xent_grad.register_kernel(("cpu", "cuda"))
 def _softmax_xent_grad_kernel(logits, target, ignore_index, label_smoothing, grad_loss):
-    if not _triton(logits):
+    kernels = _kernels(logits)
+    if kernels is None:
         return _torch_softmax_xent_grad(logits, target, ignore_index, label_smoothing, grad_loss)
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    _kernel().softmax_xent(
+    kernels.softmax_xent(
         logits,
         target,
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
         grad=grad,
-        grad_scale=_row_scale(grad_loss),
+        grad_scale=_row_scale(grad_loss, kernels),
     )
     return grad
 
@@ -305,15 +313,16 @@ def _torch_softmax_xent_(logits, target, ignore_index, label_smoothing, grad_sca
 @softmax_xent_.register_kernel(("cpu", "cuda"))
 def _(logits, target, ignore_index, label_smoothing, grad_scale):
     _check_values(logits, target, ignore_index)
-    if not _triton(logits):
+    kernels = _kernels(logits)
+    if kernels is None:
         return _torch_softmax_xent_(logits, target, ignore_index, label_smoothing, grad_scale)
-    return _kernel().softmax_xent(
+    return kernels.softmax_xent(
         logits,
         target,
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
         grad=logits,
-        grad_scale=_row_scale(grad_scale),
+        grad_scale=_row_scale(grad_scale, kernels),
     )
 
 
@@ -336,10 +345,11 @@ def _torch_scale_rows_(grad, scale):
 
 @scale_rows_.register_kernel(("cpu", "cuda"))
 def _(grad, scale):
-    if not _triton(grad):
+    kernels = _kernels(grad)
+    if kernels is None:
         return _torch_scale_rows_(grad, scale)
     # rows whose factor is exactly 1 are left untouched, decided on the device
-    _kernel().scale_rows_(grad, scale)
+    kernels.scale_rows_(grad, scale)
 
 
 @scale_rows_.register_fake

@@ -1,4 +1,7 @@
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import torch
 
@@ -20,6 +23,7 @@ settings.register_profile("fixed", derandomize=True, database=None, **_COMMON)
 settings.register_profile("explore", derandomize=False, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fixed"))
 
+from fastis import _native  # noqa: E402
 from fastis._backend import triton_available  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -37,3 +41,62 @@ def backend(request, monkeypatch):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+# --------------------------------------------------------------------------------------
+# the native library (kernels/), built once per session by CMake
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _build_dir(tmp_path_factory) -> Path:
+    out = ROOT / "build" / "test-native"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+    except OSError:  # a read-only checkout
+        return tmp_path_factory.mktemp("native")
+
+
+@pytest.fixture(scope="session")
+def native(tmp_path_factory):
+    """The library ``FASTIS_NATIVE_LIB`` names (a sanitizer build, say), else a freshly
+    built CPU one (Release, incremental), loaded by ``fastis._native``."""
+    if os.environ.get("FASTIS_NATIVE_LIB"):
+        _native.library.cache_clear()
+        assert _native.library() is not None, os.environ["FASTIS_NATIVE_LIB"]
+        yield _native
+        return
+    cmake = shutil.which("cmake")
+    if cmake is None or not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        pytest.skip("the native library needs cmake and a C++ compiler")
+    out = _build_dir(tmp_path_factory)
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    configure = [
+        cmake,
+        "-S",
+        str(ROOT),
+        "-B",
+        str(out),
+        *gen,
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DFASTIS_CUDA=OFF",
+        "-DFASTIS_TESTS=OFF",
+    ]
+    done = subprocess.run(configure, capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cmake could not configure the native library:\n{done.stderr[-2000:]}")
+    build = subprocess.run(
+        [cmake, "--build", str(out), "--parallel", str(os.cpu_count() or 1)],
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
+    lib = next(out.glob("*fastis.*"))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FASTIS_NATIVE_LIB", str(lib))
+    _native.library.cache_clear()
+    assert _native.library() is not None
+    yield _native
+    mp.undo()
+    _native.library.cache_clear()

@@ -1,5 +1,6 @@
-"""Both backends give the same loss, score and gradients on every input class: NaN and
-infinite logits, expanded and strided views, float64, soft and smoothed targets."""
+"""Every kernel backend (Triton, the native library) gives the torch path's loss, score and
+gradients on every input class: NaN and infinite logits, expanded and strided views,
+float64, soft and smoothed targets."""
 
 import pytest
 import torch
@@ -9,7 +10,15 @@ from hypothesis import strategies as st
 import fastis
 from fastis._backend import triton_available
 
-pytestmark = pytest.mark.skipif(not triton_available(), reason="needs triton")
+
+@pytest.fixture(params=["triton", "native"])
+def kernels(request):
+    if request.param == "triton" and not triton_available():
+        pytest.skip("needs triton")
+    if request.param == "native":
+        request.getfixturevalue("native")  # builds the library, or skips
+    return request.param
+
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -58,7 +67,7 @@ VIEWS = {
     ),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_backends_agree(N, C, dtype, target_kind, eps, reduction, view, specials, seed):
+def test_backends_agree(kernels, N, C, dtype, target_kind, eps, reduction, view, specials, seed):
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(N, C, generator=g, dtype=torch.float64) * 3).to(dtype)
     for pos, value in specials:  # NaN / inf / huge logits at random places, target or not
@@ -72,9 +81,16 @@ def test_backends_agree(N, C, dtype, target_kind, eps, reduction, view, specials
     weight = torch.rand(N, generator=g, dtype=torch.float64).to(torch.float32)
     kw = dict(reduction=reduction, label_smoothing=eps, view=VIEWS[view])
     logits, target, weight = logits.to(DEVICE), target.to(DEVICE), weight.to(DEVICE)
-    ours = run("triton", logits, target, weight, **dict(kw))
+    ours = run(kernels, logits, target, weight, **dict(kw))
     oracle = run("torch", logits, target, weight, **dict(kw))
-    tol = dict(rtol=2e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=2e-5, atol=1e-6)
+    # losses of huge logits cancel terms of their size: absolute errors scale with max |z|
+    finite = logits[logits.isfinite()].abs()
+    scale = 1.0 + (float(finite.max()) if finite.numel() else 0.0)
+    tol = (
+        dict(rtol=2e-2, atol=1e-2 * scale)
+        if dtype == torch.bfloat16
+        else dict(rtol=2e-5, atol=1e-6 * scale)
+    )
     for a, b in zip(ours, oracle, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape
         torch.testing.assert_close(a, b, equal_nan=True, **tol)

@@ -1,11 +1,12 @@
-"""Two gloo processes on the CPU: the ranks switch together and draw disjoint shards."""
+"""Two gloo processes on the CPU: the ranks switch together (the fixed threshold, and the
+measured switch with presample reuse) and draw disjoint shards."""
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fastis.sampling import HistorySampler, ImportanceSampler, compute_tau
+from fastis.sampling import HistorySampler, ImportanceSampler, MeasuredSwitch, compute_tau
 
 WORLD = 2
 N, B_SMALL, STEPS = 200, 8, 60
@@ -16,6 +17,48 @@ def example_scores(rank: int) -> torch.Tensor:
     so only the average across ranks decides the switch."""
     u = torch.rand(N, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     return u**60 if rank == 0 else torch.ones(N, dtype=torch.float64)
+
+
+# the measured switch: importance steps are cheap on rank 0 and dear on rank 1, so the
+# ranks disagree on their own ratios; both decide from their mean
+MEASURED_COSTS = [
+    {"uniform": 1.0, "presample": 2.0, "reuse": 1.0},
+    {"uniform": 1.0, "presample": 12.0, "reuse": 1.0},
+]
+M_B, M_BIG, M_K, M_STEPS = 16, 96, 2, 60
+
+
+def measured_run(rank: int) -> dict:
+    """A measured switch with 2 draws per presample, each rank's fake clock advancing by
+    its own costs; logs the kind of every step and the last decision."""
+    u = torch.rand(N, generator=torch.Generator().manual_seed(20 + rank), dtype=torch.float64)
+    scores = u**100
+    clock = [0.0]
+    sw = MeasuredSwitch(clock=lambda: clock[0], min_steps=2)
+    s = ImportanceSampler(
+        N,
+        M_B,
+        presample_size=M_BIG,
+        seed=5,
+        score_fn=lambda o, t: o[:, 0],
+        switch=sw,
+        draws_per_presample=M_K,
+    )
+    kinds = []
+    it = iter(s)
+    for _ in range(M_STEPS):
+        try:
+            idx = next(it)
+        except StopIteration:
+            it = iter(s)
+            idx = next(it)
+        before = s.presamples
+        s.select(lambda t: t, scores[idx][:, None], None)
+        s.update(scores[s.last_indices])
+        kind = "uniform" if len(idx) == M_B else "presample" if s.presamples > before else "reuse"
+        clock[0] += MEASURED_COSTS[rank][kind]
+        kinds.append(kind)
+    return {"kinds": kinds, "last": s.stats()["switch"], "own": sw.cost_ratio(M_B, M_BIG, M_K)}
 
 
 def _worker(rank: int, init: str, out: str) -> None:
@@ -48,6 +91,7 @@ def _worker(rank: int, init: str, out: str) -> None:
             h.update(torch.rand(B_SMALL))
         log["history_drawn"] = drawn
         log["history_len"] = len(h)
+        log["measured"] = measured_run(rank)
         torch.save(log, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -98,3 +142,19 @@ def test_history_sampler_shards(logs):
     for r, log in enumerate(logs):
         assert log["history_drawn"] <= owned[r]
         assert log["history_len"] == N // WORLD // B_SMALL + (N // WORLD % B_SMALL > 0)
+
+
+def test_ranks_switch_together_on_their_mean_measured_cost(logs):
+    a, b = (log["measured"] for log in logs)
+    assert a["kinds"] == b["kinds"]
+    kinds = a["kinds"]
+    first = kinds.index("presample")
+    assert kinds[first + 1] == "reuse" and kinds[-1] == "uniform"  # on, then off together
+    # rank 0 alone would stay on (a cycle costs (2 + 1) / 2 = 1.5), rank 1 alone would turn
+    # off sooner (6.5); the ranks used their mean, 4, bit for bit the same
+    assert (a["own"], b["own"]) == pytest.approx((1.5, 6.5))
+    decision = ("tau", "variance_reduction", "noise_share", "benefit", "cost_ratio")
+    assert [a["last"][k] for k in decision] == [b["last"][k] for k in decision]
+    assert a["last"]["seconds_presample"] != b["last"]["seconds_presample"]  # own clocks
+    assert a["last"]["cost_ratio"] == pytest.approx(4.0)
+    assert a["last"]["benefit"] < 4.0

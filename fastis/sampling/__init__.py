@@ -17,6 +17,12 @@ The modules, one job each:
 - ``importance``: ``ImportanceSampler``; ``history``: ``HistorySampler``;
 - ``switch``: ``compute_tau``, ``default_tau_th`` and the smoothed ``tau`` with its host
   read;
+- ``measured``: ``MeasuredSwitch``, the opt-in switch from measured step costs, the
+  variance reduction and a progress signal;
+- ``reuse``: amortised scoring, one scored presample serving ``draws_per_presample``
+  steps;
+- ``noise``: an importance step's gradient noise against a uniform batch, and the
+  constant-noise batch size;
 - ``draw``: an importance step's scoring pass, draw, weights and counters;
 - ``score_history``: the per-example scores and the probabilities built from them;
 - ``stream``: the queue of yielded batches, epochs, seeds, the per-pass permutations and
@@ -27,6 +33,7 @@ The modules, one job each:
 
 from fastis.sampling.history import HistorySampler
 from fastis.sampling.importance import ImportanceSampler
+from fastis.sampling.measured import MeasuredSwitch
 from fastis.sampling.switch import compute_tau, default_tau_th
 
-__all__ = ["HistorySampler", "ImportanceSampler", "compute_tau", "default_tau_th"]
+__all__ = ["HistorySampler", "ImportanceSampler", "MeasuredSwitch", "compute_tau", "default_tau_th"]

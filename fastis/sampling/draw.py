@@ -103,17 +103,24 @@ class PresampleDraw:
         for name in self.COUNTERS:
             setattr(self, name, torch.zeros((), dtype=torch.float64))
 
-    def draw(self, s, total, valid, usable, b: int):
-        """``(positions int64 [b], weights float32 [b])`` from ``score_summary``'s values."""
+    def draw(self, s, total, valid, usable, n: int):
+        """``(positions int64 [n], weights float32 [n])`` from ``score_summary``'s values:
+        ``n`` iid draws of one presample (``n = b``, or ``k b`` for ``k`` steps). Counts the
+        presample's invalid / zero scores; the weights are counted by ``count_weights`` as
+        they are used."""
         safe = torch.where(usable, s, 1.0)
-        pos, p = sample(safe, b, generator=self._generator(s.device), return_probs=True)
+        pos, p = sample(safe, n, generator=self._generator(s.device), return_probs=True)
         w = torch.where(usable, (p * s.shape[0]).reciprocal_(), 1.0).float()
         self._to(w.device)
-        self.weight_sum.add_(w.sum(dtype=torch.float64))
-        torch.maximum(self.weight_max, w.max(), out=self.weight_max)
         self.invalid_steps.add_(~valid)
         self.zero_steps.add_(valid ^ usable)  # usable implies valid: valid and all zero
         return pos, w
+
+    def count_weights(self, w: torch.Tensor) -> None:
+        """Folds one step's weights ``[b]`` into ``weight_sum`` / ``weight_max``."""
+        self._to(w.device)
+        self.weight_sum.add_(w.sum(dtype=torch.float64))
+        torch.maximum(self.weight_max, w.max(), out=self.weight_max)
 
     def count_invalid(self, valid: torch.Tensor) -> None:
         """Counts a uniform step's scores (``valid`` from ``score_summary``)."""

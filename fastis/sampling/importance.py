@@ -1,7 +1,6 @@
 """``ImportanceSampler``: Algorithm 1 of Katharopoulos & Fleuret (ICML 2018)."""
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
@@ -9,31 +8,20 @@ from fastis._checks import float_arg, int_arg
 from fastis.sampling.batches import device_of, take_rows
 from fastis.sampling.checks import check_header, state_int
 from fastis.sampling.draw import PresampleDraw, score_presample, score_summary
+from fastis.sampling.measured import MeasuredSwitch
+from fastis.sampling.noise import constant_noise_rows, noise_args
+from fastis.sampling.reuse import PresampleBatch, PresampleReuse
 from fastis.sampling.stream import (
-    STATE_VERSION,
     STREAM_KEYS,
-    Batch,
     BatchStream,
     Permutations,
     derive_seed,
-    indices_from_state,
 )
 from fastis.sampling.switch import SmoothedTau, default_tau_th, tau_from_sum
 from fastis.score import score as default_score
 
 _PERMUTATION, _DRAWS = 1, 2  # derive_seed keys of the two streams
-
-
-@dataclass
-class PresampleBatch(Batch):
-    """A yielded batch of ``ImportanceSampler``: ``b`` indices (off) or a presample of
-    ``B`` (``active``); ``positions`` holds the same indices as a CPU int64 tensor."""
-
-    active: bool = False
-    positions: torch.Tensor | None = None
-
-    def state(self) -> dict:
-        return {"indices": list(self.indices), "active": self.active}
+STATE_VERSION = 3  # 3: draws_per_presample, switch (2 had neither)
 
 
 class ImportanceSampler(BatchStream):
@@ -121,6 +109,32 @@ class ImportanceSampler(BatchStream):
             (``torch.manual_seed`` makes runs reproducible), broadcast from rank 0 when
             distributed.
         num_replicas, rank: as ``DistributedSampler`` (default: from the process group).
+        draws_per_presample: ``k >= 1`` (default 1, the paper's algorithm): one scored
+            presample serves ``k`` consecutive steps. It is yielded ``k`` times (the same
+            ``B`` indices: the loader still gives a batch per step), scored on the first,
+            and each of the ``k`` steps trains on ``b`` rows drawn with replacement from
+            the same probabilities ``g`` with weights ``1 / (B g_i)``, so each step is
+            unbiased for the presample's mean; the scoring forward is paid once per ``k``
+            steps. ``tau`` is updated once per presample; ``update`` is a check on every
+            importance step. The steps share the presample's own sampling noise (that of a
+            batch of ``B``): choose ``B`` well above ``k b`` (see ``MeasuredSwitch``).
+            A cycle, once started, runs its ``k`` steps whatever ``tau`` does
+            (``fastis.sampling.reuse``).
+        switch: None (default: ``tau > tau_th``) or a ``fastis.sampling.MeasuredSwitch``:
+            on while the estimated variance reduction pays for the measured cost of an
+            importance step, optionally off in the step-limited tail of a schedule
+            (``noise_share``). ``tau_th`` is then unused. Steps are timed from one
+            ``select`` to the next (host clock on the CPU, CUDA events read late on a GPU).
+        constant_noise: spend the variance reduction on fewer backpropagated rows (default
+            False): an importance step trains on ``n = 1 / (tau^2 (1 / b - k / B))`` rows
+            (the noise of a uniform batch of ``b``, counting the presample's own; see
+            ``fastis.sampling.noise``), rounded up to a multiple of ``min_batch_size``,
+            within ``[min_batch_size, b]``, with the same weights ``1 / (B g_i)`` (a mean
+            over ``n`` rows is unbiased). ``n`` is fixed when the batch is yielded, from
+            the ``tau`` read for the decision; ``select`` returns ``n`` rows and ``update``
+            takes ``n`` scores. Uniform steps keep ``b``.
+        min_batch_size: the floor and granularity of ``n`` (default ``ceil(b / 8)``: at
+            most 8 batch shapes).
 
     Attributes:
         tau, tau_th, is_active: the switch (``tau`` and ``is_active`` read the device).
@@ -152,6 +166,10 @@ class ImportanceSampler(BatchStream):
         seed: int | None = None,
         num_replicas: int | None = None,
         rank: int | None = None,
+        draws_per_presample: int = 1,
+        switch: MeasuredSwitch | None = None,
+        constant_noise: bool = False,
+        min_batch_size: int | None = None,
     ):
         b = int_arg("batch_size", batch_size)
         big_b = 3 * b if presample_size is None else int_arg("presample_size", presample_size)
@@ -168,6 +186,12 @@ class ImportanceSampler(BatchStream):
         self.chunk_size = None if chunk_size is None else int_arg("chunk_size", chunk_size)
         self.eval_scoring = bool(eval_scoring)
         self.inference_mode = bool(inference_mode)
+        self.draws_per_presample = int_arg("draws_per_presample", draws_per_presample)
+        if switch is not None and not isinstance(switch, MeasuredSwitch):
+            raise TypeError(f"switch must be None or a MeasuredSwitch, got {type(switch).__name__}")
+        self.switch = switch
+        self.constant_noise, self.min_batch_size = noise_args(constant_noise, min_batch_size, b)
+        self._rows = b  # rows of an importance step, as last decided
         super().__init__(
             data_source, b, seed=seed, num_replicas=num_replicas, rank=rank, need_group=True
         )
@@ -182,6 +206,9 @@ class ImportanceSampler(BatchStream):
             self.num_samples, self.num_replicas, self.rank, self.seed, _PERMUTATION
         )
         self._draw = PresampleDraw(derive_seed(self.seed, _DRAWS, self.rank))
+        self._reuse = PresampleReuse(self.draws_per_presample, b, big_b, self.num_samples)
+        self.presamples = 0  # scored presamples
+        self.weighted_rows = 0  # rows returned by importance steps
         self.steps_importance = 0
         self.steps_uniform = 0
         self.last_indices: torch.Tensor | None = None
@@ -194,17 +221,34 @@ class ImportanceSampler(BatchStream):
         return self.shard_size // self.batch_size
 
     def _draw_batch(self) -> PresampleBatch:
-        active = self._switch.host_value() > self.tau_th  # the one host read of tau per step
+        reuse = self._reuse.next_reuse()
+        if reuse is not None:  # the cycle of the last presample goes on
+            return reuse
+        active = self._decide()
         positions = self._stream.take(self.presample_size if active else self.batch_size)
-        return PresampleBatch(positions.tolist(), active, positions)
+        batch = PresampleBatch(positions.tolist(), active, positions, 0, self._rows)
+        self._reuse.yielded(batch)
+        return batch
+
+    def _decide(self) -> bool:
+        """The mode of the next fresh batch (and its rows when on): the one host read of
+        ``tau`` per decision."""
+        tau = self._switch.host_value()
+        k, b, big_b = self.draws_per_presample, self.batch_size, self.presample_size
+        if self.constant_noise:
+            self._rows = constant_noise_rows(tau, b, big_b, k, self.min_batch_size)
+        if self.switch is None:
+            return tau > self.tau_th
+        r = self._switch.host_shared() if self.distributed else None
+        if r is None:
+            r = self.switch.cost_ratio(b, big_b, k, self._rows)
+        return self.switch.decide(tau, r, b, big_b, k, self._rows)
+
+    def _dropped(self) -> None:
+        self._reuse.reset_yield()
 
     def _batch_from_state(self, b) -> PresampleBatch:
-        active = b.get("active") if isinstance(b, dict) else None
-        if not isinstance(active, bool):
-            raise TypeError(f"state_dict['pending'] entries need a bool 'active', got {b!r}")
-        sizes = (self.presample_size,) if active else (self.batch_size,)
-        idx = indices_from_state(b, "indices", sizes, self.num_samples)
-        return PresampleBatch(idx, active, torch.tensor(idx, dtype=torch.int64))
+        return self._reuse.batch_from_state(b)
 
     # -- per step -------------------------------------------------------------------------
 
@@ -221,17 +265,32 @@ class ImportanceSampler(BatchStream):
 
         Returns:
             ``(inputs, targets, weights)``: the batch itself with unit weights when off; the
-            ``b`` rows drawn from the presample (same structure) with float32 weights
-            ``1 / (B g_i)`` when on. ``last_indices`` holds their data set indices.
+            ``b`` rows (``n`` in the constant-noise mode) drawn from the presample (same
+            structure) with float32 weights ``1 / (B g_i)`` when on, the presample scored
+            by this call or, for its reuses (``draws_per_presample > 1``), by the call
+            that took its first batch (``model`` is then not called). ``last_indices``
+            holds their data set indices.
         """
         batch = self._peek(inputs, targets)
         dev = device_of(targets if targets is not None else inputs)
+        if self.switch is not None:
+            kind = "reuse" if batch.draw else "presample" if batch.active else "uniform"
+            self.switch.start_step(kind, dev)
         positions = batch.positions.to(dev, non_blocking=True)
         if not batch.active:
             self._commit(len(positions))
             self.steps_uniform += 1
             self.last_indices = positions
             return inputs, targets, torch.ones(len(positions), device=dev)
+        if batch.draw:  # a reuse: no scoring, the next row of the presample's draws
+            pos, w = self._reuse.take(batch.draw)
+            w = w.to(dev, non_blocking=True)
+            self._draw.count_weights(w)
+            self._commit(batch.rows, needs_update=False)
+            self.steps_importance += 1
+            self.weighted_rows += batch.rows
+            self.last_indices = positions.index_select(0, pos.to(dev))
+            return take_rows(inputs, pos), take_rows(targets, pos), w
         scores = score_presample(  # may raise: nothing has changed yet
             model,
             self.score_fn,
@@ -243,10 +302,15 @@ class ImportanceSampler(BatchStream):
         )
         summary = score_summary(scores)
         s, total, valid, _ = summary
-        self._switch.observe(tau_from_sum(s, total), valid, self.a_tau)
-        pos, w = self._draw.draw(*summary, self.batch_size)
-        self._commit(self.batch_size, needs_update=False)
+        self._observe(tau_from_sum(s, total), valid)
+        k = self.draws_per_presample
+        rows = batch.rows
+        pos, w = self._reuse.start(*self._draw.draw(*summary, k * rows), rows)
+        self._draw.count_weights(w)
+        self._commit(rows, needs_update=False)
+        self.presamples += 1
         self.steps_importance += 1
+        self.weighted_rows += rows
         self.last_indices = positions.index_select(0, pos.to(dev))
         return take_rows(inputs, pos), take_rows(targets, pos), w
 
@@ -263,7 +327,16 @@ class ImportanceSampler(BatchStream):
         if not on:
             s, total, valid, _ = score_summary(scores)
             self._draw.count_invalid(valid)
-            self._switch.observe(tau_from_sum(s, total), valid, self.a_tau)
+            self._observe(tau_from_sum(s, total), valid)
+
+    def _observe(self, tau_new, valid) -> None:
+        # with a measured switch across ranks, this rank's cost ratio rides on the
+        # all-reduce of tau_new, so that every rank decides from the same mean ratio
+        shared = None
+        if self.switch is not None and self.distributed:
+            k, b, big_b = self.draws_per_presample, self.batch_size, self.presample_size
+            shared = self.switch.cost_ratio(b, big_b, k, self._rows)
+        self._switch.observe(tau_new, valid, self.a_tau, shared)
 
     # -- what a user logs -------------------------------------------------------------
 
@@ -274,8 +347,9 @@ class ImportanceSampler(BatchStream):
 
     @property
     def is_active(self) -> bool:
-        """Whether the next batch drawn will be a presample (``tau > tau_th``)."""
-        return self.tau > self.tau_th
+        """Whether the next batch drawn will be a presample (``tau > tau_th``); with a
+        ``MeasuredSwitch``, its last decision (``switch.on``)."""
+        return self.tau > self.tau_th if self.switch is None else self.switch.on
 
     def stats(self) -> dict:
         """Plain values to log (one host synchronisation): ``tau``, ``tau_new`` (the last
@@ -283,15 +357,22 @@ class ImportanceSampler(BatchStream):
         ``steps_importance``, ``steps_uniform``, ``mean_weight`` / ``max_weight`` (over the
         importance-sampled examples; NaN / 0 before any), ``invalid_score_steps`` (NaN,
         inf or negative scores: tau kept, uniform fallback), ``zero_score_steps``,
-        ``missing_updates`` (off steps whose scores were never fed back: tau cannot rise)."""
+        ``missing_updates`` (off steps whose scores were never fed back: tau cannot rise),
+        ``presamples`` (scored presamples; ``steps_importance / draws_per_presample`` or
+        a little more), ``weighted_rows`` (rows returned by importance steps:
+        ``steps_importance * b`` but in the constant-noise mode); with a
+        ``MeasuredSwitch``, ``switch``: its last decision's ``tau``,
+        ``variance_reduction``, ``noise_share``, ``benefit``, ``cost_ratio``, and the
+        smoothed step times ``seconds_uniform`` / ``_presample`` / ``_reuse`` (None
+        before any)."""
         tau, tau_new = torch.stack([self._switch.tau.cpu(), self._switch.tau_new.cpu()]).tolist()
         counts = self._draw.values()
-        n_weights = self.steps_importance * self.batch_size
+        n_weights = self.weighted_rows
         return {
             "tau": tau,
             "tau_new": tau_new,
             "tau_th": self.tau_th,
-            "is_active": tau > self.tau_th,
+            "is_active": tau > self.tau_th if self.switch is None else self.switch.on,
             "steps": self.steps,
             "steps_importance": self.steps_importance,
             "steps_uniform": self.steps_uniform,
@@ -300,13 +381,29 @@ class ImportanceSampler(BatchStream):
             "invalid_score_steps": int(counts["invalid_steps"]),
             "zero_score_steps": int(counts["zero_steps"]),
             "missing_updates": self.missing_updates,
+            "presamples": self.presamples,
+            "weighted_rows": self.weighted_rows,
+            **({} if self.switch is None else {"switch": self._switch_stats()}),
         }
+
+    def _switch_stats(self) -> dict:
+        sw = self.switch
+        times = {f"seconds_{k}": sw.seconds(k) for k in ("uniform", "presample", "reuse")}
+        return {**sw.last, **times}
 
     def __repr__(self) -> str:
         return (
             f"ImportanceSampler(num_samples={self.num_samples}, batch_size={self.batch_size}"
             f", presample_size={self.presample_size}, tau_th={self.tau_th:.4g}, "
-            f"a_tau={self.a_tau}, num_replicas={self.num_replicas}, rank={self.rank})"
+            f"a_tau={self.a_tau}, num_replicas={self.num_replicas}, rank={self.rank}"
+            + (f", draws_per_presample={k}" if (k := self.draws_per_presample) > 1 else "")
+            + ("" if self.switch is None else f", switch={self.switch!r}")
+            + (
+                f", constant_noise=True, min_batch_size={self.min_batch_size}"
+                if self.constant_noise
+                else ""
+            )
+            + ")"
         )
 
     # -- checkpoints ------------------------------------------------------------------
@@ -320,7 +417,13 @@ class ImportanceSampler(BatchStream):
         "cursor",
         "steps_importance",
         "steps_uniform",
+        "presamples",
+        "weighted_rows",
+        "rows",
         "generator",
+        "reuse",
+        "plan",
+        "switch",
         *STREAM_KEYS,
     )
 
@@ -334,14 +437,22 @@ class ImportanceSampler(BatchStream):
             "seed": self.seed,
             "num_replicas": self.num_replicas,
             "rank": self.rank,
+            "draws_per_presample": self.draws_per_presample,
+            "switch": None if self.switch is None else "measured",
+            "constant_noise": self.constant_noise,
+            "min_batch_size": self.min_batch_size,
         }
 
     def state_dict(self) -> dict:
         """Plain values and CPU tensors under named keys: the configuration (checked on
         load), ``tau`` / ``tau_new``, the counters behind ``stats()``, the stream position
         (``pass``, ``cursor``), the batches yielded but not yet selected (a prefetching
-        ``DataLoader``'s, replayed first after a resume) and the draw generator's state.
-        Reads the device state once (a synchronisation). Format version 2."""
+        ``DataLoader``'s, replayed first after a resume), the draw generator's state, the
+        presample cycle in progress (``reuse``: the presample still to be yielded again;
+        ``plan``: its drawn positions and weights not yet served) and the measured
+        switch's state (``switch``: step times, counts, last decision, and across ranks the
+        shared cost ratio; None without one). Reads the device state once (a
+        synchronisation). Format version 3."""
         return {
             "kind": type(self).__name__,
             "version": STATE_VERSION,
@@ -351,6 +462,11 @@ class ImportanceSampler(BatchStream):
             **self._stream.state_dict(),
             "steps_importance": self.steps_importance,
             "steps_uniform": self.steps_uniform,
+            "presamples": self.presamples,
+            "weighted_rows": self.weighted_rows,
+            "rows": self._rows,
+            **self._reuse.state_dict(),
+            "switch": None if self.switch is None else self.switch.state_dict(self._switch),
             **self._stream_state(),
         }
 
@@ -377,6 +493,13 @@ class ImportanceSampler(BatchStream):
         ):
             raise ValueError("state_dict's invalid_steps / zero_steps exceed its step counts")
         tau = self._switch.parse_state(st)
+        presamples = state_int(st, "presamples", 0, steps_importance)
+        weighted_rows = state_int(st, "weighted_rows", 0, steps_importance * self.batch_size)
+        rows = state_int(st, "rows", 1, self.batch_size)
+        reuse = self._reuse.parse_state(st)
+        if self.switch is None and st["switch"] is not None:
+            raise ValueError("state_dict['switch'] must be None without a switch")
+        switch = None if self.switch is None else self.switch.parse_state(st["switch"])
         stream = self._parse_stream_state(st)
         if stream["steps"] != steps_importance + steps_uniform:
             raise ValueError(
@@ -384,7 +507,11 @@ class ImportanceSampler(BatchStream):
                 f"steps_uniform = {steps_importance + steps_uniform}"
             )
         # all checked: restore
-        self._switch.restore(*tau)
+        self._switch.restore(*tau, None if switch is None else switch["shared"])
+        if switch is not None:
+            self.switch.restore(switch)
+        self._reuse.restore(reuse)
+        self.presamples, self.weighted_rows, self._rows = presamples, weighted_rows, rows
         self._draw.restore(draws)
         self._stream.restore(position)
         self.steps_importance, self.steps_uniform = steps_importance, steps_uniform

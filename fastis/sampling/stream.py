@@ -133,8 +133,14 @@ class BatchStream(Sampler):
         """Batches per epoch (see the sampler's docstring for its rule)."""
         raise NotImplementedError
 
+    def _dropped(self) -> None:
+        """Called when a new iterator drops batches yielded but never selected (a subclass
+        that links consecutive batches resets that link here)."""
+
     def __iter__(self):
-        self._pending.clear()  # batches of an abandoned iterator never train
+        if self._pending:  # batches of an abandoned iterator never train
+            self._pending.clear()
+            self._dropped()
         replay, self._replay = self._replay, []
         if self._resumed and (replay or self._epoch_yielded < len(self)):
             self._epoch_yielded -= len(replay)  # finish the interrupted epoch

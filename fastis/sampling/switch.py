@@ -56,6 +56,11 @@ class SmoothedTau:
     waits for that event only, i.e. for the work queued up to the last update (the scoring
     pass, or the training forward), not for the backward and optimizer step queued after.
 
+    ``observe(..., shared=x)`` also averages a host value ``x`` over the ranks in the same
+    all-reduce (the measured switch's cost ratio, so that every rank decides from the same
+    number); ``host_shared`` reads the last mean (None before any, or when not
+    distributed).
+
     Attributes:
         tau: float64 0-d tensor (starts at 0). tau_new: the last ``observe``'s mean
             ``tau_new`` (NaN when it had none valid).
@@ -65,19 +70,30 @@ class SmoothedTau:
         self.distributed = distributed
         self.tau = torch.zeros((), dtype=torch.float64)
         self.tau_new = torch.full((), float("nan"), dtype=torch.float64)
-        self._host: torch.Tensor | None = None  # pinned copy of a CUDA tau
+        self.shared: torch.Tensor | None = None  # the ranks' mean of observe's ``shared``
+        self._host: torch.Tensor | None = None  # pinned copy of a CUDA tau (and shared)
         self._ready: torch.cuda.Event | None = None  # recorded after that copy
 
-    def observe(self, tau_new: torch.Tensor, valid: torch.Tensor, a_tau: float) -> None:
+    def observe(
+        self, tau_new: torch.Tensor, valid: torch.Tensor, a_tau: float, shared=None
+    ) -> None:
         """``tau <- a_tau tau + (1 - a_tau) tau_new`` when ``valid`` (a bool 0-d tensor; with
-        ``distributed``, the mean over the ranks whose scores were valid, one 2-element
-        ``all_reduce``); otherwise ``tau`` is kept and ``tau_new`` is NaN."""
+        ``distributed``, the mean over the ranks whose scores were valid, one
+        ``all_reduce`` of 2 elements, 3 with ``shared``); otherwise ``tau`` is kept and
+        ``tau_new`` is NaN."""
         if self.distributed:
-            both = torch.stack([torch.where(valid, tau_new, 0.0), valid.double()])
+            parts = [torch.where(valid, tau_new, 0.0), valid.double()]
+            if shared is not None:  # a fill, not a host-to-device copy
+                parts.append(
+                    torch.full((), float(shared), dtype=torch.float64, device=valid.device)
+                )
+            both = torch.stack(parts)
             dist.all_reduce(both)
             count = both[1]
             valid = count > 0
             tau_new = both[0] / torch.where(valid, count, 1.0)
+            if shared is not None:
+                self.shared = both[2] / dist.get_world_size()
         tau = self.tau.to(tau_new.device)
         self.tau = torch.where(valid, torch.lerp(tau, tau_new, 1.0 - a_tau), tau)
         self.tau_new = torch.where(valid, tau_new, math.nan)
@@ -88,15 +104,25 @@ class SmoothedTau:
         if self._ready is None:
             return float(self.tau)
         self._ready.synchronize()
-        return float(self._host)
+        return float(self._host if self._host.dim() == 0 else self._host[0])
+
+    def host_shared(self) -> float | None:
+        """The ranks' mean of the last ``observe``'s ``shared`` (waits as ``host_value``)."""
+        if self.shared is None:
+            return None
+        if self._ready is None:
+            return float(self.shared)
+        self._ready.synchronize()
+        return float(self._host[1])
 
     def _publish(self) -> None:
         if not self.tau.is_cuda:
             self._ready = None
             return
-        if self._host is None:
-            self._host = torch.empty((), dtype=torch.float64, pin_memory=True)
-        self._host.copy_(self.tau, non_blocking=True)
+        values = self.tau if self.shared is None else torch.stack([self.tau, self.shared])
+        if self._host is None or self._host.shape != values.shape:
+            self._host = torch.empty(values.shape, dtype=torch.float64, pin_memory=True)
+        self._host.copy_(values, non_blocking=True)
         self._ready = torch.cuda.Event()
         self._ready.record(torch.cuda.current_stream(self.tau.device))
 
@@ -117,8 +143,12 @@ class SmoothedTau:
             state_tensor(state, "tau_new", (), torch.float64, nan=True),
         )
 
-    def restore(self, tau: torch.Tensor, tau_new: torch.Tensor) -> None:
-        """Sets ``tau`` and ``tau_new`` (from ``parse_state``) on the current device."""
+    def restore(self, tau: torch.Tensor, tau_new: torch.Tensor, shared=None) -> None:
+        """Sets ``tau`` and ``tau_new`` (from ``parse_state``) on the current device, and the
+        shared mean (a float, or None)."""
         dev = self.tau.device
         self.tau, self.tau_new = tau.to(dev), tau_new.to(dev)
+        self.shared = None if shared is None else torch.full((), shared, dtype=torch.float64)
+        if self.shared is not None:
+            self.shared = self.shared.to(dev)
         self._publish()

@@ -1,0 +1,376 @@
+"""The native library (``kernels/``, built by CMake) bound with ctypes on torch tensors.
+
+No torch C++ ABI: the library sees data pointers, int64 sizes and strides (in elements), a
+dtype code and, for CUDA tensors, the current stream. Every argument is checked again by
+the library, which answers with a status code (never a crash); this module turns a status
+into an exception that names it.
+
+Where the library comes from: ``FASTIS_NATIVE_LIB`` (a path to ``libfastis.so``), else the
+copy installed inside the package, else ``build/`` at the top of the source tree (what
+``cmake -S . -B build && cmake --build build`` writes). ``library()`` returns ``None``, and
+says why once, when there is none.
+
+Functions (same contracts as the Triton launchers in ``fastis._triton``):
+
+- ``softmax_xent(logits, target, *, ignore_index, label_smoothing, grad, grad_scale)``
+  -> ``(loss, score)``;
+- ``scale_rows_(grad, scale)``;
+- ``alias_build(weights)`` -> ``(prob, alias, probs)`` and
+  ``alias_draw(prob, alias, n, generator)`` -> int64 ``[n]``.
+"""
+
+import ctypes
+import functools
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+ABI_VERSION = (0, 1)  # (major, minor) this module speaks; the library's patch may differ
+
+_LIB_NAMES = {"linux": "libfastis.so", "darwin": "libfastis.dylib", "win32": "fastis.dll"}
+
+# fastis_dtype codes (kernels/include/fastis.h)
+_DTYPES = {
+    torch.float32: 0,
+    torch.float64: 1,
+    torch.float16: 2,
+    torch.bfloat16: 3,
+    torch.int32: 4,
+    torch.int64: 5,
+}
+_VALUE_ERRORS = {2: "a size", 3: "a stride", 4: "a dtype", 6: "a value", 7: "overlapping memory"}
+
+
+class _XentArgs(ctypes.Structure):
+    """``fastis_xent_args``: field for field."""
+
+    _fields_ = [
+        ("B", ctypes.c_int64),
+        ("T", ctypes.c_int64),
+        ("C", ctypes.c_int64),
+        ("logits", ctypes.c_void_p),
+        ("logits_dtype", ctypes.c_int32),
+        ("logits_stride", ctypes.c_int64 * 3),
+        ("target", ctypes.c_void_p),
+        ("target_dtype", ctypes.c_int32),
+        ("target_stride", ctypes.c_int64 * 3),
+        ("ignore_index", ctypes.c_int64),
+        ("label_smoothing", ctypes.c_double),
+        ("loss", ctypes.c_void_p),
+        ("score", ctypes.c_void_p),
+        ("grad", ctypes.c_void_p),
+        ("grad_stride", ctypes.c_int64 * 3),
+        ("grad_scale", ctypes.c_void_p),
+        ("grad_scale_stride", ctypes.c_int64),
+    ]
+
+
+def _candidates() -> list[Path]:
+    name = _LIB_NAMES.get(sys.platform, "libfastis.so")
+    env = os.environ.get("FASTIS_NATIVE_LIB")
+    if env:
+        return [Path(env)]
+    here = Path(__file__).resolve().parent
+    return [here / name, here.parent / "build" / name]
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i32, i64, u64, p = ctypes.c_int32, ctypes.c_int64, ctypes.c_uint64, ctypes.c_void_p
+    i64x3 = ctypes.POINTER(ctypes.c_int64)
+    sigs = {
+        "fastis_version": (i32, []),
+        "fastis_has_cuda": (i32, []),
+        "fastis_status_string": (ctypes.c_char_p, [i32]),
+        "fastis_softmax_xent_cpu": (i32, [ctypes.POINTER(_XentArgs), i32]),
+        "fastis_softmax_xent_cuda": (i32, [ctypes.POINTER(_XentArgs), p]),
+        "fastis_scale_rows_cpu": (i32, [i64, i64, i64, p, i32, i64x3, p, i32, i64, i32]),
+        "fastis_scale_rows_cuda": (i32, [i64, i64, i64, p, i32, i64x3, p, i32, i64, p]),
+        "fastis_alias_build_cpu": (i32, [i64, p, i32, i64, p, p, i32, p]),
+        "fastis_alias_draw_cpu": (i32, [i64, p, p, i32, i64, u64, u64, p, i32]),
+        "fastis_alias_draw_cuda": (i32, [i64, p, p, i32, i64, u64, u64, p, p]),
+    }
+    for name, (res, args) in sigs.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded library, or ``None`` (with one warning saying why) when there is none."""
+    tried = _candidates()
+    path = next((c for c in tried if c.is_file()), None)
+    if path is None:
+        where = ", ".join(str(c) for c in tried)
+        _unavailable(f"no native library at {where}")
+        return None
+    try:
+        lib = ctypes.CDLL(str(path))
+        _declare(lib)
+    except (OSError, AttributeError) as err:
+        _unavailable(f"{path} could not be loaded ({err})")
+        return None
+    version = lib.fastis_version()
+    if (version // 10000, version // 100 % 100) != ABI_VERSION:
+        _unavailable(f"{path} is version {version}, this fastis needs {ABI_VERSION}")
+        return None
+    return lib
+
+
+def _unavailable(why: str) -> None:
+    warnings.warn(
+        f"fastis: native kernels unavailable: {why}. Build them with "
+        "`cmake -S . -B build && cmake --build build` (or point FASTIS_NATIVE_LIB at "
+        "libfastis.so); fastis runs its Triton and torch paths meanwhile.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def _lib() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the fastis native library is not available (see the warning above)")
+    return lib
+
+
+def _check(lib: ctypes.CDLL, status: int, what: str) -> None:
+    if status == 0:
+        return
+    name = lib.fastis_status_string(status).decode()
+    kind = _VALUE_ERRORS.get(status)
+    if kind is not None:
+        raise ValueError(f"fastis native {what}: {kind} is invalid ({name})")
+    raise RuntimeError(f"fastis native {what} failed: {name}")
+
+
+def _dtype_code(t: torch.Tensor, name: str, allowed: tuple[torch.dtype, ...]) -> int:
+    if t.dtype not in allowed:
+        raise TypeError(f"{name} must have dtype in {allowed}, got {t.dtype}")
+    return _DTYPES[t.dtype]
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _strides3(t: torch.Tensor, rank: int) -> tuple[int, int, int]:
+    """(stride_b, stride_t, stride_c) of ``t`` seen as [B, T(, C)]; 1-D per-row data is
+    [N] = [N, 1], 2-D logits [N, C] = [N, 1, C]."""
+    s = t.stride()
+    if t.dim() == rank + 1:
+        return (*s, 0) if rank == 1 else s
+    if t.dim() == rank:
+        return (s[0], 0, s[1] if rank == 2 else 0)
+    return (0, 0, s[0] if rank == 2 else 0)  # a single row
+
+
+def _rows_view(logits: torch.Tensor) -> tuple[int, int, int]:
+    """(B, T, C) of ``[C]``, ``[N, C]`` or ``[B, T, C]`` logits."""
+    if logits.dim() == 1:
+        return 1, 1, logits.shape[0]
+    if logits.dim() == 2:
+        return logits.shape[0], 1, logits.shape[1]
+    if logits.dim() == 3:
+        return tuple(logits.shape)
+    raise ValueError(f"logits must be [C], [N, C] or [B, T, C], got shape {tuple(logits.shape)}")
+
+
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def softmax_xent(
+    logits, target, *, ignore_index=-100, label_smoothing=0.0, grad=None, grad_scale=None
+):
+    """Per-row cross-entropy and gradient-norm score; ``fastis.reference.softmax_xent``'s math.
+
+    Args:
+        logits: ``[N, C]`` or ``[B, T, C]`` (or one row ``[C]``), any non-negative strides,
+            float32 / float64 / float16 / bfloat16, on the CPU or a CUDA device.
+        target: class indices shaped ``logits.shape[:-1]`` (int32 / int64; other integer
+            dtypes are converted), or probabilities shaped like ``logits`` (soft targets,
+            converted to the logits' dtype).
+        ignore_index: rows with this target get loss 0, score 0 and a zero gradient.
+        label_smoothing: in ``[0, 1]``.
+        grad: optional output shaped like ``logits`` in its dtype; may be ``logits`` itself.
+            Receives ``grad_scale[r] * dloss_r / dlogits_r``.
+        grad_scale: optional per-row factors (``logits.shape[:-1]``, or one scalar).
+
+    Returns:
+        ``(loss, score)`` shaped ``logits.shape[:-1]``: float32, float64 for float64 logits.
+        Class indices outside ``[0, C)`` give NaN rows (no error, no synchronisation).
+    """
+    lib = _lib()
+    B, T, C = _rows_view(logits)
+    rows = logits.shape[:-1]
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    loss = torch.empty(rows, dtype=out_dtype, device=logits.device)
+    score = torch.empty_like(loss)
+    if loss.numel() == 0:
+        return loss, score
+    a = _XentArgs()
+    a.B, a.T, a.C = B, T, C
+    a.logits, a.logits_dtype = logits.data_ptr(), _dtype_code(logits, "logits", _FLOATS)
+    a.logits_stride[:] = _strides3(logits, 2)
+    if target.is_floating_point():
+        if target.shape != logits.shape:
+            raise ValueError(
+                f"soft target must be shaped like logits {tuple(logits.shape)}, "
+                f"got {tuple(target.shape)}"
+            )
+        target = target.to(logits.dtype)
+        a.target_stride[:] = _strides3(target, 2)
+    else:
+        if target.shape != rows:
+            raise ValueError(f"target must be shaped {tuple(rows)}, got {tuple(target.shape)}")
+        if target.dtype not in (torch.int32, torch.int64):
+            target = target.long()
+        a.target_stride[:] = _strides3(target, 1)
+    a.target, a.target_dtype = target.data_ptr(), _DTYPES[target.dtype]
+    a.ignore_index, a.label_smoothing = int(ignore_index), float(label_smoothing)
+    a.loss, a.score = loss.data_ptr(), score.data_ptr()
+    if grad is not None:
+        if grad.shape != logits.shape or grad.dtype != logits.dtype:
+            raise ValueError(
+                f"grad must be shaped {tuple(logits.shape)} with dtype "
+                f"{logits.dtype}, got {tuple(grad.shape)} {grad.dtype}"
+            )
+        a.grad = grad.data_ptr()
+        a.grad_stride[:] = _strides3(grad, 2)
+        if grad_scale is not None:
+            grad_scale = grad_scale.to(out_dtype).reshape(-1)
+            if grad_scale.numel() not in (1, loss.numel()):
+                raise ValueError(
+                    f"grad_scale must hold one factor per row ({loss.numel()}) "
+                    f"or one in all, got {grad_scale.numel()}"
+                )
+            a.grad_scale = grad_scale.data_ptr()
+            a.grad_scale_stride = grad_scale.stride(0) if grad_scale.numel() > 1 else 0
+    if logits.is_cuda:
+        status = lib.fastis_softmax_xent_cuda(ctypes.byref(a), _stream(logits))
+    else:
+        status = lib.fastis_softmax_xent_cpu(ctypes.byref(a), torch.get_num_threads())
+    _check(lib, status, "softmax_xent")
+    return loss, score
+
+
+def scale_rows_(grad, scale):
+    """``grad[r] *= scale[r]`` in place (rows whose factor is exactly 1 untouched).
+
+    Args:
+        grad: ``[N, C]`` or ``[B, T, C]``, any strides, float32/float64/float16/bfloat16.
+        scale: one factor per row (``grad.shape[:-1]``), or a scalar tensor; converted to
+            float32 (float64 for a float64 ``grad``).
+    """
+    lib = _lib()
+    B, T, C = _rows_view(grad)
+    dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    scale = scale.to(dtype).reshape(-1)
+    if scale.numel() not in (1, B * T):
+        raise ValueError(
+            f"scale must hold one factor per row ({B * T}) or one in all, got {scale.numel()}"
+        )
+    if B * T * C == 0:
+        return grad
+    strides = (ctypes.c_int64 * 3)(*_strides3(grad, 2))
+    args = (
+        B,
+        T,
+        C,
+        grad.data_ptr(),
+        _dtype_code(grad, "grad", _FLOATS),
+        strides,
+        scale.data_ptr(),
+        _DTYPES[dtype],
+        scale.stride(0) if scale.numel() > 1 else 0,
+    )
+    if grad.is_cuda:
+        status = lib.fastis_scale_rows_cuda(*args, _stream(grad))
+    else:
+        status = lib.fastis_scale_rows_cpu(*args, torch.get_num_threads())
+    _check(lib, status, "scale_rows_")
+    return grad
+
+
+def alias_build(weights):
+    """Walker alias table of 1-D non-negative finite CPU ``weights`` (not all zero).
+
+    Returns:
+        ``(prob, alias, probs)``: float64 ``[N]``, int32 ``[N]`` (int64 past 2^31 - 1 items)
+        and float64 ``w / sum(w)``; ``fastis._alias_torch.build``'s layout.
+    """
+    lib = _lib()
+    if weights.dim() != 1 or weights.numel() == 0:
+        raise ValueError(f"weights must be 1-D and non-empty, got shape {tuple(weights.shape)}")
+    if weights.is_cuda:
+        raise NotImplementedError("the native alias build runs on the CPU only")
+    if weights.dtype not in (torch.float32, torch.float64):
+        weights = weights.double()
+    n = weights.shape[0]
+    prob = torch.empty(n, dtype=torch.float64)
+    alias = torch.empty(n, dtype=torch.int32 if n <= 2**31 - 1 else torch.int64)
+    probs = torch.empty(n, dtype=torch.float64)
+    status = lib.fastis_alias_build_cpu(
+        n,
+        weights.data_ptr(),
+        _DTYPES[weights.dtype],
+        weights.stride(0),
+        prob.data_ptr(),
+        alias.data_ptr(),
+        _DTYPES[alias.dtype],
+        probs.data_ptr(),
+    )
+    _check(lib, status, "alias_build")
+    return prob, alias, probs
+
+
+def philox_seed(generator, device) -> int:
+    """A Philox key drawn from ``generator`` (advancing it), as the Triton draws take theirs.
+
+    On a CUDA device this reads one number back to the host (one synchronisation).
+    """
+    return int(
+        torch.randint(0, 2**62, (1,), generator=generator, device=device, dtype=torch.int64).item()
+    )
+
+
+def alias_draw(prob, alias, n, generator=None, *, seed=None, offset=0):
+    """``n`` int64 draws from a table (bucket uniform, then a coin against ``prob``).
+
+    Draw ``k`` depends on ``(seed, offset + k)`` only (Philox 4x32-10): the same on any
+    number of threads, and the same as ``fastis._triton.alias.sample_table`` for one seed.
+    ``seed`` defaults to ``philox_seed(generator, prob.device)``.
+    """
+    lib = _lib()
+    N = prob.shape[0]
+    if prob.dtype != torch.float64 or not prob.is_contiguous() or not alias.is_contiguous():
+        raise ValueError("prob must be contiguous float64 and alias contiguous")
+    if int(n) < 0:
+        raise ValueError(f"n must be a non-negative number of draws, got {n}")
+    out = torch.empty(int(n), dtype=torch.int64, device=prob.device)
+    if out.numel() == 0:
+        return out
+    if seed is None:
+        seed = philox_seed(generator, prob.device)
+    args = (
+        N,
+        prob.data_ptr(),
+        alias.data_ptr(),
+        _dtype_code(alias, "alias", (torch.int32, torch.int64)),
+        int(n),
+        int(seed),
+        int(offset),
+        out.data_ptr(),
+    )
+    if prob.is_cuda:
+        status = lib.fastis_alias_draw_cuda(*args, _stream(prob))
+    else:
+        status = lib.fastis_alias_draw_cpu(*args, torch.get_num_threads())
+    _check(lib, status, "alias_draw")
+    return out
