@@ -1,13 +1,21 @@
 """End-to-end training benchmark: the demo's methods and the peers' rules, several seeds.
 
     python -m bench.e2e --budget 30 --seeds 0 1 2                 # MNIST-1D on the CPU
+    python -m bench.e2e --schedule constant paper-step cosine     # one table per schedule
     python -m bench.e2e --sweep 0.02 0.05 0.1 0.2 --budget 20     # per-method learning rates
+    python -m bench.e2e --sweep 0.05 0.1 0.2 --seeds 0 --compare-seeds 1 2 3   # then compare
     python -m bench.e2e --cifar ~/data/cifar-10-batches-py --device cuda --budget 300
 
-Every run trains for the same wall-clock budget (the clock pauses for evaluations) with
-``fastis.demo.train.run``. Writes ``bench/results/e2e_<name>.md`` (mean and spread over the
-seeds of the final training loss, test error, steps and speed-up over uniform sampling)
-and the raw records as ``.json``. CIFAR-10 runs use ``bench/cifar10.py`` (ResNet-18).
+Every run trains for the same budget of its own training time (evaluations excluded).
+By default (``--interleave``) the runs of one seed (its methods, or for ``--sweep`` its
+whole grid of methods and rates) train in one process in alternating slices of
+``--slice`` seconds each (``fastis.demo.interleave``), on ``--threads`` intra-op threads
+(default 1), so that the load of a shared machine falls on all of them alike;
+``--no-interleave`` trains them one after the other (``fastis.demo.train.run``). Writes
+``bench/results/e2e_<name>.md`` (mean and spread over the seeds of the final training
+loss, test error, steps and speed-up over uniform sampling) and the raw records as
+``.json``; ``--sweep`` writes ``e2e_lr_sweep_<name>.md`` and flags a best rate at an edge
+of the grid (extend the grid there). CIFAR-10 runs use ``bench/cifar10.py`` (ResNet-18).
 """
 
 import argparse
@@ -23,7 +31,12 @@ from bench._timing import pin_glibc_malloc
 from fastis.demo import data as demo_data
 from fastis.demo import report
 from fastis.demo.config import BASELINES, DEFAULT_LR, METHODS, SCHEDULES, RunConfig
+from fastis.demo.interleave import intra_op_threads, run_interleaved
 from fastis.demo.train import run
+
+# the default comparison: the demo's first methods and the peers (the opt-in variants of
+# Algorithm 1, fastis.demo.config.VARIANTS, on request with --methods)
+DEFAULT_METHODS = ("uniform", "upper-bound", "history", "loss", *BASELINES)
 
 
 def mean_spread(values):
@@ -37,24 +50,53 @@ def mean_spread(values):
     )
 
 
-def compare(args, data, model_fn, lrs):
+def config(args, method, lr, seed):
+    return RunConfig(
+        method=method,
+        budget=args.budget,
+        lr=lr,
+        seed=seed,
+        device=args.device,
+        schedule=args.schedule,
+        evals=args.evals,
+    )
+
+
+def train_all(args, cfgs, data, model_fn):
+    """The records of ``cfgs``: interleaved in one go, or one after the other."""
+    if args.interleave:
+        return run_interleaved(
+            cfgs,
+            data,
+            slice_seconds=args.slice,
+            model_fn=model_fn,
+            warmup_steps=args.warmup,
+        )
+    return [run(cfg, data, model_fn=model_fn, warmup_steps=args.warmup) for cfg in cfgs]
+
+
+def timing_desc(args) -> str:
+    threads = torch.get_num_threads()
+    if args.interleave:
+        return (
+            f"the runs of a seed interleaved in one process, {args.slice:g} s slices of "
+            f"training each, {threads} intra-op thread(s), {args.warmup} warm-up steps"
+        )
+    return (
+        f"the runs one after the other, {threads} intra-op thread(s), {args.warmup} "
+        "warm-up steps each"
+    )
+
+
+def compare(args, data, model_fn, lrs, seeds=None):
     records = {m: [] for m in args.methods}
-    for seed in args.seeds:
-        runs = {}
-        for m in args.methods:
-            cfg = RunConfig(
-                method=m,
-                budget=args.budget,
-                lr=lrs[m],
-                seed=seed,
-                device=args.device,
-                schedule=args.schedule,
-                evals=args.evals,
-            )
-            runs[m] = run(cfg, data, model_fn=model_fn)
+    for seed in seeds or args.seeds:
+        cfgs = [config(args, m, lrs[m], seed) for m in args.methods]
+        runs = dict(zip(args.methods, train_all(args, cfgs, data, model_fn), strict=True))
+        for m, r in runs.items():
             print(
-                f"seed {seed} {m:>18}: loss {runs[m]['final_train_loss']:.3e}, "
-                f"error {runs[m]['final_test_error']:.2%}, {runs[m]['steps']} steps",
+                f"{args.schedule} seed {seed} {m:>26}: loss {r['final_train_loss']:.3e}, "
+                f"error {r['final_test_error']:.2%}, {r['steps']} steps",
                 flush=True,
             )
         for row in report.summarise(runs):
@@ -62,16 +104,22 @@ def compare(args, data, model_fn, lrs):
     return records
 
 
-def write_compare(path, args, records, lrs):
-    lines = [
-        f"# End-to-end: {args.name}",
+def _header(args, title):
+    return [
+        f"# {title}: {args.name}",
         "",
         f"{time.strftime('%Y-%m-%d')}; {report.machine()}; glibc malloc thresholds: {args.malloc}",
         "",
+    ]
+
+
+def write_compare(path, args, records, lrs, seeds=None):
+    lines = _header(args, "End-to-end") + [
         f"Budget {args.budget:g} s of training per run, {args.schedule} schedule, seeds "
-        f"{args.seeds}; data {args.data_desc}. Mean ± standard deviation over the seeds. "
-        "Speed-up: uniform's time to reach its final training loss over the method's "
-        "(averaged over the seeds where the method reached it).",
+        f"{seeds or args.seeds}; data {args.data_desc}; {timing_desc(args)}. Mean ± "
+        "standard deviation over the seeds. Speed-up: uniform's time to reach its final "
+        "training loss over the method's (averaged over the seeds where the method reached "
+        "it).",
         "",
         "| method | lr | train loss | test error | steps | IS steps | ms/step | speed-up |",
         "|---|---|---|---|---|---|---|---|",
@@ -101,45 +149,40 @@ def write_compare(path, args, records, lrs):
     print(path.read_text())
 
 
+def geometric_mean(values):
+    return math.exp(statistics.fmean(math.log(max(v, 1e-30)) for v in values))
+
+
 def sweep(args, data, model_fn):
-    results = {m: {} for m in args.methods}
-    for lr in args.sweep:
-        for seed in args.seeds:
-            for m in args.methods:
-                cfg = RunConfig(
-                    method=m,
-                    budget=args.budget,
-                    lr=lr,
-                    seed=seed,
-                    device=args.device,
-                    schedule=args.schedule,
-                    evals=args.evals,
-                )
-                r = run(cfg, data, model_fn=model_fn)
-                results[m].setdefault(lr, []).append(r["final_train_loss"])
-                print(
-                    f"lr {lr:g} seed {seed} {m:>18}: loss {r['final_train_loss']:.3e}", flush=True
-                )
-    lines = [
-        f"# Learning-rate sweep: {args.name}",
-        "",
-        f"{time.strftime('%Y-%m-%d')}; {report.machine()}; glibc malloc thresholds: {args.malloc}",
-        "",
+    """Each method at each rate of ``--sweep``; a seed's whole grid interleaved. Returns
+    ``{method: best rate}`` (the lowest geometric mean of the final training loss)."""
+    grid = sorted(args.sweep)
+    results = {m: {lr: [] for lr in grid} for m in args.methods}
+    for seed in args.seeds:
+        pairs = [(m, lr) for lr in grid for m in args.methods]
+        cfgs = [config(args, m, lr, seed) for m, lr in pairs]
+        for (m, lr), r in zip(pairs, train_all(args, cfgs, data, model_fn), strict=True):
+            loss = r["final_train_loss"]
+            results[m][lr].append(loss if math.isfinite(loss) else math.inf)
+            print(f"{args.schedule} lr {lr:g} seed {seed} {m:>26}: loss {loss:.3e}", flush=True)
+    lines = _header(args, "Learning-rate sweep") + [
         f"Final training loss (geometric mean over seeds {args.seeds}) after "
-        f"{args.budget:g} s, {args.schedule} schedule; data {args.data_desc}.",
+        f"{args.budget:g} s, {args.schedule} schedule; data {args.data_desc}; "
+        f"{timing_desc(args)}. A best rate at an edge of the grid is flagged: extend the "
+        "grid there before trusting it.",
         "",
-        "| method | " + " | ".join(f"lr {lr:g}" for lr in args.sweep) + " | best |",
-        "|---|" + "---|" * (len(args.sweep) + 1),
+        "| method | " + " | ".join(f"lr {lr:g}" for lr in grid) + " | best |",
+        "|---|" + "---|" * (len(grid) + 1),
     ]
     best = {}
     for m, by_lr in results.items():
-        geo = {
-            lr: math.exp(statistics.fmean(math.log(max(v, 1e-30)) for v in vals))
-            for lr, vals in by_lr.items()
-        }
+        geo = {lr: geometric_mean(vals) for lr, vals in by_lr.items()}
         best[m] = min(geo, key=geo.get)
+        edge = len(grid) > 1 and best[m] in (grid[0], grid[-1])
         lines.append(
-            f"| {m} | " + " | ".join(f"{geo[lr]:.3e}" for lr in args.sweep) + f" | {best[m]:g} |"
+            f"| {m} | "
+            + " | ".join(f"{geo[lr]:.3e}" for lr in grid)
+            + f" | {best[m]:g}{' (edge)' if edge else ''} |"
         )
     path = Path(args.out) / f"e2e_lr_sweep_{args.name}.md"
     path.write_text("\n".join(lines) + "\n")
@@ -147,21 +190,58 @@ def sweep(args, data, model_fn):
     return best
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--methods", nargs="+", default=list(METHODS + BASELINES), choices=METHODS + BASELINES
+        "--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS + BASELINES
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budget", type=float, default=30.0)
-    parser.add_argument("--schedule", choices=SCHEDULES, default="step")
+    parser.add_argument(
+        "--schedule",
+        nargs="+",
+        choices=SCHEDULES,
+        default=["step"],
+        help="one or more; each gets its own tables (fastis.demo.config.schedule_factor)",
+    )
     parser.add_argument("--evals", type=int, default=20)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--num-samples", type=int, default=40_000)
     parser.add_argument("--cifar", help="a CIFAR-10 python-format directory (ResNet-18)")
     parser.add_argument("--lr", type=float, nargs="*", help="one rate per method, in order")
     parser.add_argument("--sweep", type=float, nargs="*", help="learning rates to sweep")
-    parser.add_argument("--name", default=None, help="results file suffix")
+    parser.add_argument(
+        "--compare-seeds",
+        type=int,
+        nargs="+",
+        help="with --sweep: then compare the methods at their best rates on these seeds",
+    )
+    parser.add_argument(
+        "--interleave",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train a seed's runs in one process in alternating slices (default); "
+        "--no-interleave: one after the other",
+    )
+    parser.add_argument(
+        "--slice", type=float, default=0.5, help="seconds of training per run per slice"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads while training (default 1, steadier on a shared CPU; "
+        "0: torch's default)",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed throwaway steps per method first"
+    )
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="results file suffix (default <data>_<device>_<schedule>; with several "
+        "schedules, _<schedule> is appended to it)",
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument(
         "--malloc",
@@ -169,9 +249,36 @@ def main(argv=None):
         default="pinned",
         help="pin glibc's malloc thresholds for stable timings (bench/_timing.py)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def check(parser, args):
     if args.lr and len(args.lr) != len(args.methods):
         parser.error(f"--lr gives {len(args.lr)} rates for {len(args.methods)} methods")
+    if args.lr and args.sweep:
+        parser.error("--lr and --sweep exclude each other")
+    if args.compare_seeds and not args.sweep:
+        parser.error("--compare-seeds needs --sweep")
+    if not (math.isfinite(args.slice) and args.slice > 0):
+        parser.error(f"--slice must be finite and > 0, got {args.slice}")
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if not (math.isfinite(args.budget) and args.budget > 0):
+        parser.error(f"--budget must be finite and > 0, got {args.budget}")
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check(parser, args)
+    # the whole benchmark on --threads (restored after, for callers in the same process)
+    with intra_op_threads(args.threads or None):
+        return benchmark(args)
+
+
+def benchmark(args):
     if args.malloc == "pinned" and not pin_glibc_malloc():
         args.malloc = "default (no glibc)"
     device = torch.device(args.device)
@@ -184,11 +291,26 @@ def main(argv=None):
         model_fn = None
         args.data_desc = f"MNIST-1D, {args.num_samples} examples, the demo's 1-D CNN"
     data = tuple(t.to(device) for t in data)
-    args.name = args.name or ("cifar10" if args.cifar else "mnist1d") + f"_{device.type}"
+    schedules, named, out = args.schedule, args.name, {}
+    base = named or ("cifar10" if args.cifar else "mnist1d") + f"_{device.type}"
+    for schedule in schedules:
+        exact = named is not None and len(schedules) == 1
+        args.schedule, args.name = schedule, base if exact else f"{base}_{schedule}"
+        out[schedule] = run_schedule(args, data, model_fn)
+    return out[schedules[0]] if len(schedules) == 1 else out
+
+
+def run_schedule(args, data, model_fn):
+    """One schedule's sweep and/or comparison; what it returns (best rates or records)."""
     if args.sweep:
         best = sweep(args, data, model_fn)
-        print("best rates:", best)
-        return best
+        print(f"{args.schedule}: best rates {best}", flush=True)
+        if not args.compare_seeds:
+            return best
+        records = compare(args, data, model_fn, best, args.compare_seeds)
+        path = Path(args.out) / f"e2e_{args.name}.md"
+        write_compare(path, args, records, best, args.compare_seeds)
+        return records
     lrs = (
         dict(zip(args.methods, args.lr, strict=True))
         if args.lr

@@ -64,6 +64,57 @@ def test_e2e_benchmark_smoke(tmp_path, monkeypatch):
     assert "lr 0.01 | lr 0.1 | best" in (tmp_path / "e2e_lr_sweep_smoke.md").read_text()
 
 
+def test_e2e_schedules_sequential_and_sweep_then_compare(tmp_path, monkeypatch):
+    pytest.importorskip("mnist1d")
+    from bench import e2e
+
+    monkeypatch.setenv("FASTIS_CACHE_DIR", str(tmp_path / "cache"))
+    common = ["--num-samples", "1500", "--evals", "1", "--out", str(tmp_path), "--seeds", "0"]
+    by_schedule = e2e.main(
+        ["--methods", "uniform", "upper-bound-constant-noise", "--budget", "0.2"]
+        + ["--schedule", "paper-step", "cosine", "--no-interleave", "--name", "seq"]
+        + common
+    )
+    assert set(by_schedule) == {"paper-step", "cosine"}
+    for schedule in by_schedule:
+        text = (tmp_path / f"e2e_seq_{schedule}.md").read_text()
+        assert f"{schedule} schedule" in text and "one after the other" in text
+        assert "| upper-bound-constant-noise | 0.1 |" in text
+    records = e2e.main(
+        ["--methods", "uniform", "upper-bound-measured", "--budget", "0.15", "--slice", "0.05"]
+        + ["--sweep", "0.05", "0.1", "--compare-seeds", "1", "--schedule", "constant"]
+        + ["--name", "grid"]
+        + common
+    )
+    assert set(records) == {"uniform", "upper-bound-measured"}
+    assert all(len(rows) == 1 for rows in records.values())
+    sweep = (tmp_path / "e2e_lr_sweep_grid.md").read_text()
+    assert "(edge)" in sweep and "interleaved in one process, 0.05 s slices" in sweep
+    compared = (tmp_path / "e2e_grid.md").read_text()
+    assert "seeds [1]" in compared and "1 intra-op thread(s)" in compared
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--slice", "0"], "--slice must be finite and > 0, got 0.0"),
+        (["--slice", "inf"], "--slice must be finite and > 0, got inf"),
+        (["--threads", "-1"], "--threads must be >= 0, got -1"),
+        (["--warmup", "-2"], "--warmup must be >= 0, got -2"),
+        (["--budget", "0"], "--budget must be finite and > 0"),
+        (["--compare-seeds", "3"], "--compare-seeds needs --sweep"),
+        (["--sweep", "0.1", "--lr", *["0.1"] * 6], "--lr and --sweep exclude each other"),
+        (["--schedule", "linear"], "invalid choice"),
+    ],
+)
+def test_e2e_refuses_bad_options(argv, message, capsys):
+    from bench import e2e
+
+    with pytest.raises(SystemExit):
+        e2e.main(argv)
+    assert message in capsys.readouterr().err
+
+
 def test_e2e_refuses_a_rate_count_that_does_not_match(capsys):
     from bench import e2e
 

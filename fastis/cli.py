@@ -101,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         type=_methods,
         default=["uniform", "upper-bound", "history", "loss"],
-        help="comma-separated: uniform, upper-bound, history, loss (and the "
-        "baselines infobatch, selective-backprop)",
+        help="comma-separated, from: "
+        + ", ".join(METHODS + BASELINES)
+        + " (default uniform,upper-bound,history,loss)",
     )
     demo.add_argument(
         "--out",
@@ -125,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--schedule",
         choices=SCHEDULES,
         default="step",
-        help="'step': rate / 10 at half the budget, / 100 at three quarters",
+        help="'step' (default): rate / 10 at half the budget, / 100 at three quarters; "
+        "'paper-step': x0.2 at half, x0.04 at 80%%; 'cosine': to zero; 'constant'",
     )
     demo.add_argument(
         "--num-samples",
@@ -295,10 +297,13 @@ def demo(args, parser) -> int:
             f"--num-samples must be at least {demo_data.MIN_SAMPLES}, got {args.num_samples}"
         )
     train_size = int(args.num_samples * 0.8)
-    if train_size < presample:
+    largest = presample
+    if any("reuse" in m for m in args.methods):
+        largest = max(presample, 8 * args.batch_size)  # the reuse methods' presample
+    if train_size < largest:
         parser.error(
             f"--num-samples {args.num_samples} leaves {train_size} training examples, "
-            f"fewer than the presample ({presample})"
+            f"fewer than the presample ({largest})"
         )
     lrs = _learning_rates(parser, args)
     out = args.out or Path(f"fastis-demo-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -4,8 +4,9 @@ Every op is a ``custom_op`` with a fake implementation, so ``torch.compile(fullg
 treats it as one opaque call. Its body is the plain-torch path (``fastis.reference``), which
 serves every device; the kernel registered for CPU and CUDA reads the backend once per
 call (``fastis._backend.kernel_backend``) and runs the Triton kernel
-(``fastis._triton.softmax_xent``) or that torch path. float64 logits always take the torch
-path, so that float64 stays float64 all the way (the kernels accumulate in float32).
+(``fastis._triton.softmax_xent``), the native library (``fastis._native``, on request) or
+that torch path. float64 logits never take the Triton kernels, which accumulate in float32:
+float64 stays float64 all the way.
 
 - ``softmax_xent(logits, target, ignore_index, label_smoothing, compute_score)``:
   ``(loss, score)`` per row (``score`` empty unless asked), differentiable through ``loss``

@@ -1,5 +1,7 @@
 """The fastis command: the demo end to end at a tiny budget, its errors, data, baselines."""
 
+import dataclasses
+import itertools
 import json
 import math
 import subprocess
@@ -8,10 +10,21 @@ import sys
 import pytest
 import torch
 
+import fastis
+
 pytest.importorskip("mnist1d")
 
 from fastis import cli  # noqa: E402
-from fastis.demo import baselines, data, report, train  # noqa: E402
+from fastis.demo import baselines, data, interleave, report, train  # noqa: E402
+from fastis.demo.config import (  # noqa: E402
+    DEFAULT_LR,
+    METHODS,
+    SCHEDULES,
+    VARIANTS,
+    RunConfig,
+    schedule_factor,
+)
+from fastis.demo.models import MNIST1DCNN  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +48,7 @@ def test_demo_end_to_end(tmp_path, capsys):
             str(out),
             "--no-progress",
             "--methods",
-            "uniform,upper-bound,history,loss,infobatch,selective-backprop",
+            "uniform,upper-bound,history,loss,infobatch,selective-backprop,upper-bound-measured",
         ]
     )
     assert code == 0
@@ -50,6 +63,7 @@ def test_demo_end_to_end(tmp_path, capsys):
         "loss",
         "infobatch",
         "selective-backprop",
+        "upper-bound-measured",
     ]
     for name in methods:
         assert name in printed
@@ -121,7 +135,7 @@ def _refused(argv, capsys) -> str:
         (["demo", "--device", "meta"], "--device meta: meta tensors hold no data"),
         (["demo", "--device", "nonsense"], "--device nonsense:"),
         (["demo", "--device", "xpu"], "--device xpu: cannot compute there"),
-        (["demo", "--schedule", "cosine"], "invalid choice"),
+        (["demo", "--schedule", "warmup"], "invalid choice"),
         (["demo", "--batch-size", "128", "--presample", "64"], "smaller than --batch-size"),
         (["demo", "--num-samples", "100"], "fewer than the presample"),
         (
@@ -311,3 +325,260 @@ def test_selective_backprop_rule():
     torch.testing.assert_close(p1[1], torch.tensor(52 / 104))  # 0..49, -1 and itself
     torch.testing.assert_close(p2, p1.square())
     assert p1[0] == 1 / 104  # the smallest is kept rarely (only itself below or equal)
+
+
+# -- schedules, methods and the interleaved runner ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "schedule,points",
+    [
+        ("constant", [(0.0, 1.0), (0.5, 1.0), (0.99, 1.0), (1.0, 1.0)]),
+        ("step", [(0.0, 1.0), (0.499, 1.0), (0.5, 0.1), (0.749, 0.1), (0.75, 0.01), (1.0, 0.01)]),
+        (
+            "paper-step",
+            [(0.0, 1.0), (0.499, 1.0), (0.5, 0.2), (0.799, 0.2), (0.8, 0.04), (1.0, 0.04)],
+        ),
+        ("cosine", [(0.0, 1.0), (0.25, 0.5 + 0.5**1.5), (0.5, 0.5), (0.75, 0.5 - 0.5**1.5)]),
+    ],
+)
+def test_schedule_values_at_the_documented_fractions(schedule, points):
+    for fraction, factor in points:
+        assert schedule_factor(schedule, fraction) == pytest.approx(factor, abs=1e-12)
+        cfg = RunConfig(method="uniform", budget=1.0, lr=0.3, schedule=schedule)
+        assert cfg.lr_at(fraction) == pytest.approx(0.3 * factor, abs=1e-12)
+
+
+def test_cosine_decays_to_zero_and_schedules_clip_the_fraction():
+    assert schedule_factor("cosine", 1.0) == pytest.approx(0.0, abs=1e-15)
+    f = torch.linspace(0, 1, 101).tolist()
+    values = [schedule_factor("cosine", v) for v in f]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+    for s in SCHEDULES:  # a last step may start just past the budget
+        assert schedule_factor(s, 1.3) == schedule_factor(s, 1.0)
+        assert schedule_factor(s, -0.1) == schedule_factor(s, 0.0)
+    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+        schedule_factor("linear", 0.5)
+
+
+def test_every_schedule_has_a_rate_for_every_method():
+    assert set(DEFAULT_LR) == set(SCHEDULES)
+    for rates in DEFAULT_LR.values():
+        assert set(rates) == set(METHODS) | {"infobatch", "selective-backprop"}
+        for v in VARIANTS:  # until swept: upper-bound's
+            assert rates[v] == rates["upper-bound"]
+
+
+def _synthetic(n=320, n_test=80, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n + n_test, 40, generator=g)
+    y = torch.randint(0, 10, (n + n_test,), generator=g)
+    x[:, :10] += y[:, None].float()  # learnable
+    return x[:n], y[:n], x[n:], y[n:]
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+class TimedCNN(torch.nn.Module):
+    """The demo CNN whose every forward costs ``dt`` seconds of a fake clock; training
+    forwards (train mode) are logged with the model's name."""
+
+    def __init__(self, clock, dt, log, name):
+        super().__init__()
+        self.net = MNIST1DCNN(channels=4)
+        self.clock, self.dt, self.log, self.name = clock, dt, log, name
+
+    def forward(self, x):
+        self.clock.t += self.dt
+        if self.training:
+            self.log.append(self.name)
+        return self.net(x)
+
+
+@pytest.fixture
+def slow_evaluation(monkeypatch):
+    """Every evaluation costs 100 s of the fake clock."""
+    clock, real = FakeClock(), train.evaluate
+
+    def evaluate(*args, **kwargs):
+        clock.t += 100.0
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    return clock
+
+
+def _timed_models(clock, dt, log, names):
+    names = iter(names)
+    return lambda: TimedCNN(clock, dt, log, next(names))
+
+
+def test_interleaved_runner_alternates_slices_and_counts_only_training(slow_evaluation):
+    clock, dt, log = slow_evaluation, 0.0625, []  # powers of 2: exact sums
+    cfgs = [
+        RunConfig(method="uniform", budget=1.0, lr=0.05, batch_size=16, evals=4),
+        RunConfig(
+            method="upper-bound-measured",
+            budget=1.0,
+            lr=0.05,
+            batch_size=16,
+            presample_size=48,
+            evals=4,
+            schedule="cosine",
+        ),
+    ]
+    records = interleave.run_interleaved(
+        cfgs,
+        _synthetic(),
+        slice_seconds=0.25,
+        model_fn=_timed_models(clock, dt, log, "AB"),
+        clock=clock,
+        warmup_steps=0,
+    )
+    # slices alternate A, B, A, B, ...; a uniform step is one training forward
+    runs = [(k, len(list(g))) for k, g in itertools.groupby(log)]
+    assert [k for k, _ in runs] == ["A", "B"] * (len(runs) // 2)
+    assert runs[0] == ("A", 4)  # a 0.25 s slice of 0.0625 s steps
+    for r in records:
+        t = r["curve"]["time"]
+        # each reached its own budget, within one step (<= 2 forwards), evaluations apart:
+        # the fake clock has run 100 s per evaluation, and the other method's slices
+        assert 1.0 <= t[-1] <= 1.0 + 2 * dt
+        assert t == sorted(t) and len(t) == 5 and t[0] == 0.0
+        assert r["timing"] == {
+            "mode": "interleaved",
+            "slice_seconds": 0.25,
+            "slices": 4,
+            "threads": torch.get_num_threads(),
+        }
+    assert clock.t > 10 * 100.0
+    uniform = records[0]
+    assert uniform["steps"] == 16 and uniform["seconds_per_step"] == pytest.approx(dt)
+    # the measured switch timed its steps on the method's own training clock: a uniform
+    # step is one forward, never an evaluation or the other method's slice
+    switch = records[1]["sampler"]["switch"]
+    assert switch["seconds_uniform"] == pytest.approx(dt)
+    # its noise share is the rate's share of the initial one (cosine: < 1 near the end)
+    assert 0.0 <= switch["noise_share"] < 0.2
+
+
+def test_each_method_follows_the_schedule_of_its_own_trained_share(slow_evaluation):
+    clock = slow_evaluation
+    data, log = _synthetic(), []
+    cfg = RunConfig(method="uniform", budget=1.0, lr=0.2, batch_size=16, evals=2)
+    fast = train.Trainer(cfg, data, _timed_models(clock, 0.0625, log, "A"), clock)
+    slow = train.Trainer(
+        dataclasses.replace(cfg, schedule="paper-step"),
+        data,
+        _timed_models(clock, 0.125, log, "B"),
+        clock,
+    )
+    fast.advance(0.5)
+    slow.advance(0.5)
+    # both trained half their budget: the next step of each starts the second phase
+    assert fast.trained == slow.trained == 0.5 and (fast.steps, slow.steps) == (8, 4)
+    fast.step(), slow.step()
+    assert fast.opt.param_groups[0]["lr"] == pytest.approx(0.02)  # step: x0.1 at 50%
+    assert slow.opt.param_groups[0]["lr"] == pytest.approx(0.04)  # paper-step: x0.2
+
+
+def test_interleaved_runs_start_from_the_same_model_and_match_run_records():
+    data = _synthetic()
+    cfgs = [
+        RunConfig(method=m, budget=0.05, lr=0.05, batch_size=16, presample_size=48, evals=1)
+        for m in ("uniform", "upper-bound", "history")
+    ]
+    before = torch.get_num_threads()
+    records = interleave.run_interleaved(cfgs, data, slice_seconds=0.02, threads=1)
+    assert torch.get_num_threads() == before
+    assert all(r["timing"]["threads"] == 1 and r["curve"]["time"][-1] >= 0.05 for r in records)
+    first = {r["curve"]["train_loss"][0] for r in records}
+    assert len(first) == 1  # the same seed: the same initial weights for every method
+    sequential = train.run(cfgs[0], data)
+    assert set(records[0]) == set(sequential) | {"timing"}
+    assert set(records[0]["curve"]) == set(sequential["curve"])
+    runs = {c.method: r for c, r in zip(cfgs, records, strict=True)}
+    rows = report.summarise(runs)
+    assert [r["method"] for r in rows] == ["uniform", "upper-bound", "history"]
+    assert rows[0]["speedup"] == 1.0 and "| history |" in report.table(rows)
+    json.loads(report.to_json(report.collect(runs, {"budget": 0.05})))
+
+
+def test_warm_up_leaves_the_runs_as_they_would_be():
+    data = _synthetic()
+    cfg = RunConfig(method="upper-bound", budget=1.0, lr=0.05, batch_size=16, presample_size=48)
+
+    def three_steps():
+        trainer = train.Trainer(cfg, data, model_fn=lambda: MNIST1DCNN(channels=4))
+        trainer.method.sampler.tau_th = -1.0  # importance steps: the sampler's draws count
+        for _ in range(3):
+            trainer.step()
+        return torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+
+    cold = three_steps()
+    train.warm_up([cfg, cfg], data, 2, model_fn=lambda: MNIST1DCNN(channels=4))
+    assert torch.equal(three_steps(), cold)
+    with pytest.raises(ValueError, match="warmup_steps must be an int >= 0, got 1.5"):
+        train.warm_up([cfg], data, 1.5)
+
+
+@pytest.mark.parametrize("method", list(VARIANTS))
+def test_variants_construct_and_train(method):
+    data = _synthetic()
+    cfg = RunConfig(
+        method=method,
+        budget=1.0,
+        lr=0.05,
+        batch_size=16,
+        presample_size=48,
+        evals=1,
+        schedule="cosine",
+    )
+    trainer = train.Trainer(cfg, data, model_fn=lambda: MNIST1DCNN(channels=4))
+    s = trainer.method.sampler
+    options = VARIANTS[method]
+    if "measured" not in options:
+        s.tau_th = -1.0  # importance sampling from the first step: the variant's own path
+    for _ in range(5):
+        assert math.isfinite(float(trainer.step().detach()))
+    assert (s.draws_per_presample, s.presample_size) == (
+        (2, 8 * 16) if "reuse" in options else (1, 48)
+    )
+    assert s.constant_noise == ("constant_noise" in options)
+    assert isinstance(s.switch, fastis.MeasuredSwitch) == ("measured" in options)
+    if s.switch is not None:
+        share = trainer.opt.param_groups[0]["lr"] / cfg.lr
+        assert s.switch.noise_share() == pytest.approx(share) and share < 1.0
+    stats = trainer.result()["sampler"]
+    assert stats["steps"] == 5
+    if "measured" not in options:
+        assert stats["steps_importance"] == 5
+        assert stats["presamples"] == (3 if "reuse" in options else 5)
+        assert stats["weighted_rows"] <= 5 * 16
+
+
+def test_interleaved_runner_refuses_bad_arguments():
+    cfg = [RunConfig(method="uniform", budget=0.01, lr=0.1, batch_size=16)]
+    data = _synthetic()
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="slice_seconds must be finite and > 0"):
+            interleave.run_interleaved(cfg, data, slice_seconds=bad)
+    with pytest.raises(ValueError, match="threads must be None or an int >= 1, got 0"):
+        interleave.run_interleaved(cfg, data, threads=0)
+    with pytest.raises(ValueError, match="warmup_steps must be an int >= 0, got -1"):
+        interleave.run_interleaved(cfg, data, warmup_steps=-1)
+    with pytest.raises(ValueError, match="cfgs must hold at least one"):
+        interleave.run_interleaved([], data)
+
+
+def test_intra_op_threads_are_restored():
+    before = torch.get_num_threads()
+    with interleave.intra_op_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before

@@ -14,19 +14,13 @@ from torch.utils.data import TensorDataset
 
 accelerate = pytest.importorskip("accelerate")
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 import fastis  # noqa: E402
 from fastis.integrations import ImportanceDataLoader, weighted_step  # noqa: E402
 from fastis.integrations.accelerate import check_prepared, prepare_loader  # noqa: E402
 
 N, D, C, B = 60, 5, 3, 6
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def data():
@@ -154,6 +148,7 @@ import json, sys, torch
 sys.path.insert(0, sys.argv[2])
 torch.set_num_threads(1)
 import test_integrations_accelerate as t
+
 
 out, kw = sys.argv[1], {"tau_th": 0.9, "a_tau": 0.5}
 parts = t.setup(**kw)

@@ -16,6 +16,8 @@ from torch.utils.data import BatchSampler, DataLoader, TensorDataset
 
 L = pytest.importorskip("lightning")
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 import fastis  # noqa: E402
 from fastis.integrations import sampler_of  # noqa: E402
 from fastis.integrations.lightning import (  # noqa: E402
@@ -25,14 +27,6 @@ from fastis.integrations.lightning import (  # noqa: E402
 )
 
 N, D, C, B = 96, 6, 4, 8
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def data(seed=0):
@@ -242,6 +236,7 @@ from torch.utils.data import TensorDataset
 import fastis
 from fastis.integrations import sampler_of
 from fastis.integrations.lightning import ImportanceDataLoader, ImportanceSampling, importance_loss
+
 
 torch.set_num_threads(1)
 

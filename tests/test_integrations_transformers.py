@@ -14,15 +14,9 @@ transformers = pytest.importorskip("transformers")
 
 from fastis.integrations.transformers import ImportanceTrainer  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 V, T, N, B = 40, 10, 48, 4
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Sequences(torch.utils.data.Dataset):

@@ -9,26 +9,17 @@ import warnings
 
 import pytest
 import torch
+from sampler_helpers import Z_MAX, Prefetcher, forever
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastis
 from fastis.sampling import HistorySampler, ImportanceSampler, compute_tau, default_tau_th
 
-Z_MAX = 3.5  # per-example |z| bound of the Monte-Carlo tests (fixed seeds; p ~ 5e-4 each)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------
 # helpers
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run many tiny ops: one intra-op thread avoids oversubscribing the
-    machine's cores (5x faster on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def linear_problem(n=24, d=4, c=3, seed=0, device="cpu"):
@@ -60,12 +51,6 @@ def estimator_variance(grads, probs, weights_of, b):
     terms = weights_of[:, None] * grads
     mean = (probs[:, None] * terms).sum(0)
     return ((probs[:, None] * terms * terms).sum(0) - mean * mean) / b, mean
-
-
-def forever(sampler):
-    """Index batches epoch after epoch (each batch is selected before the next is drawn)."""
-    while True:
-        yield from sampler
 
 
 def feed(sampler, scores_of, steps, model=None, inputs=None):
@@ -358,24 +343,6 @@ def test_training_switches_on_and_loss_falls(device):
 
 # --------------------------------------------------------------------------------------
 # resume
-
-
-class Prefetcher:
-    """Hands out index batches as a DataLoader with ``depth`` batches in flight does: drawn
-    ahead within an epoch, a new epoch's iterator only once the last epoch's are taken."""
-
-    def __init__(self, sampler, depth):
-        self.sampler, self.depth, self.it, self.ahead = sampler, depth, None, []
-
-    def __next__(self):
-        if self.it is None and not self.ahead:
-            self.it = iter(self.sampler)
-        while self.it is not None and len(self.ahead) <= self.depth:
-            try:
-                self.ahead.append(next(self.it))
-            except StopIteration:
-                self.it = None
-        return self.ahead.pop(0) if self.ahead else next(self)
 
 
 def train_steps(sampler, model, opt, x, y, steps, loader):

@@ -9,20 +9,15 @@ import math
 
 import pytest
 import torch
+from sampler_helpers import forever
 
 import fastis
 from fastis.sampling import ImportanceSampler, MeasuredSwitch
 from fastis.sampling.measured import StepClock
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class FakeClock:
@@ -31,11 +26,6 @@ class FakeClock:
 
     def __call__(self):
         return self.now
-
-
-def forever(sampler):
-    while True:
-        yield from sampler
 
 
 # --------------------------------------------------------------------------------------

@@ -6,24 +6,12 @@ import math
 
 import pytest
 import torch
+from sampler_helpers import Z_MAX, forever
 
 from fastis.sampling import ImportanceSampler, MeasuredSwitch, compute_tau
 from fastis.sampling.noise import constant_noise_rows, variance_reduction
 
-Z_MAX = 3.5
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def forever(sampler):
-    while True:
-        yield from sampler
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_rows_keep_the_noise_of_a_uniform_batch():

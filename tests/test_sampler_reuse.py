@@ -7,25 +7,13 @@ import math
 
 import pytest
 import torch
+from sampler_helpers import Z_MAX, Prefetcher, forever
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastis
 from fastis.sampling import ImportanceSampler
 
-Z_MAX = 3.5  # per-example |z| bound of the Monte-Carlo tests (fixed seeds; p ~ 5e-4 each)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def forever(sampler):
-    while True:
-        yield from sampler
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def skewed_scores(n):
@@ -165,23 +153,6 @@ def test_abandoned_iterator_drops_the_cycle():
     assert len(next(it2)) == 3  # the cycle went with the dropped batches: a fresh decision
     s.select(lambda t: t, torch.rand(3, 1), None)
     s.update(torch.rand(3))
-
-
-class Prefetcher:
-    """Index batches handed out as a DataLoader with ``depth`` batches in flight does."""
-
-    def __init__(self, sampler, depth):
-        self.sampler, self.depth, self.it, self.ahead = sampler, depth, None, []
-
-    def __next__(self):
-        if self.it is None and not self.ahead:
-            self.it = iter(self.sampler)
-        while self.it is not None and len(self.ahead) <= self.depth:
-            try:
-                self.ahead.append(next(self.it))
-            except StopIteration:
-                self.it = None
-        return self.ahead.pop(0) if self.ahead else next(self)
 
 
 def blobs(n=200, d=16, c=8, seed=0):

@@ -11,13 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import fastis
 from fastis import HistorySampler, ImportanceSampler
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def scored(n, b, **kw):

@@ -1,17 +1,33 @@
-"""What defines a demo run: the methods, their tuned learning rates, ``RunConfig``."""
+"""What defines a demo run: the methods, the schedules, their tuned rates, ``RunConfig``."""
 
+import math
 from dataclasses import dataclass
 
-METHODS = ("uniform", "upper-bound", "history", "loss")
+# Algorithm 1's opt-in variants (fastis.demo.methods), each ``upper-bound`` plus:
+VARIANTS = {
+    # MeasuredSwitch, noise_share = current rate / initial rate (off in a schedule's tail)
+    "upper-bound-measured": ("measured",),
+    # draws_per_presample = reuse_draws (2) from a presample of reuse_presample (8 b)
+    "upper-bound-reuse": ("reuse",),
+    # constant_noise=True: the noise of a uniform batch of b, fewer rows backpropagated
+    "upper-bound-constant-noise": ("constant_noise",),
+    # both of the first two
+    "upper-bound-measured-reuse": ("measured", "reuse"),
+}
+METHODS = ("uniform", "upper-bound", "history", "loss", *VARIANTS)
 # the peers' rules (fastis.demo.baselines), for the end-to-end benchmark
 BASELINES = ("infobatch", "selective-backprop")
-SCHEDULES = ("step", "constant")
+# 'step': the demo's own, x0.1 at 50% of the budget, x0.01 at 75% (kept as it was tuned);
+# 'paper-step': Katharopoulos & Fleuret's rule, x0.2 at 50%, x0.04 at 80%;
+# 'cosine': lr (1 + cos(pi f)) / 2, to zero at the end; 'constant'.
+SCHEDULES = ("step", "constant", "paper-step", "cosine")
 
 # Learning rates per schedule and method (SGD, momentum 0.9, b = 128): each method's best
 # of a small sweep on this project's 2-core CPU machines (bench/results/e2e_lr_sweep_*.md).
 # Under the step schedule they agree; with a constant rate, importance sampling is stable
-# at (and needs) a rate five times uniform's.
-DEFAULT_LR = {
+# at (and needs) a rate five times uniform's. 'paper-step' and 'cosine' start from the
+# 'step' rates, and the variants from upper-bound's, until swept.
+_TUNED = {
     "step": {
         "uniform": 0.1,
         "upper-bound": 0.1,
@@ -29,6 +45,31 @@ DEFAULT_LR = {
         "selective-backprop": 0.02,
     },
 }
+_TUNED["paper-step"] = dict(_TUNED["step"])
+_TUNED["cosine"] = dict(_TUNED["step"])
+DEFAULT_LR = {
+    schedule: {**rates, **dict.fromkeys(VARIANTS, rates["upper-bound"])}
+    for schedule, rates in _TUNED.items()
+}
+
+
+def schedule_factor(schedule: str, fraction: float) -> float:
+    """The rate's multiplier after ``fraction`` (0 to 1, clipped) of the budget.
+
+    ``'constant'``: 1; ``'step'``: 1, 0.1 from 0.5, 0.01 from 0.75; ``'paper-step'``: 1,
+    0.2 from 0.5, 0.04 from 0.8; ``'cosine'``: ``(1 + cos(pi f)) / 2`` (1 at 0, 0.5 at
+    0.5, 0 at 1).
+    """
+    f = min(max(float(fraction), 0.0), 1.0)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "step":
+        return 1.0 if f < 0.5 else 0.1 if f < 0.75 else 0.01
+    if schedule == "paper-step":
+        return 1.0 if f < 0.5 else 0.2 if f < 0.8 else 0.04
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * f))
+    raise ValueError(f"unknown schedule {schedule!r}; choose from {SCHEDULES}")
 
 
 @dataclass
@@ -41,7 +82,7 @@ class RunConfig:
     batch_size: int = 128
     presample_size: int = 384
     momentum: float = 0.9
-    schedule: str = "step"  # 'step': lr / 10 at 50% of the budget, / 100 at 75%; 'constant'
+    schedule: str = "step"  # one of SCHEDULES (see schedule_factor)
     seed: int = 0
     device: str = "cpu"
     evals: int = 30  # evaluations spread over the budget
@@ -49,9 +90,11 @@ class RunConfig:
     # HistorySampler's uniform share: weights <= 1 / mix. At its default 0.1 (weights up to
     # 10) the stale scores of examples it rarely revisits make SGD diverge on this problem.
     history_uniform_mix: float = 0.5
+    # the '-reuse' variants: steps per scored presample, and its size (default 8 b, well
+    # above k b, so that the presample's own noise, shared by its k steps, stays small)
+    reuse_draws: int = 2
+    reuse_presample: int | None = None
 
     def lr_at(self, fraction: float) -> float:
         """The rate after ``fraction`` (0 to 1) of the budget."""
-        if self.schedule == "constant":
-            return self.lr
-        return self.lr * (1.0 if fraction < 0.5 else 0.1 if fraction < 0.75 else 0.01)
+        return self.lr * schedule_factor(self.schedule, fraction)

@@ -1,20 +1,14 @@
-"""One training run of the demo: a method, a model, a wall-clock budget.
+"""Training one method of the demo for a wall-clock budget of its own training time.
 
-Methods (same model, data, optimiser and learning-rate schedule; they differ in which
-examples each step trains on):
+``Trainer`` holds one run (model, optimiser, method, curve, clock) and advances it by a
+number of seconds of training; ``run`` trains one method to its budget in one go, and
+``fastis.demo.interleave`` advances several in alternating time slices. The methods are
+in ``fastis.demo.methods`` (same model, data, optimiser and schedule; they differ in which
+examples each step trains on).
 
-- ``uniform``: shuffled passes over the training set, ``b`` examples a step, with
-  ``torch.nn.functional.cross_entropy``: the loop users already have.
-- ``upper-bound``: ``fastis.ImportanceSampler`` (Algorithm 1): scores a presample of ``B``
-  with the gradient-norm bound ``fastis.score`` while its ``tau`` says it pays.
-- ``history``: ``fastis.HistorySampler``: draws from the whole set by stale scores that the
-  training loss returned; no extra forward pass.
-- ``loss``: Algorithm 1 with the per-sample loss as the score (the earlier heuristic; its
-  weights keep the gradient unbiased, but the loss is not the gradient norm, so the
-  variance it removes is not the one that matters).
-- ``infobatch``, ``selective-backprop``: the peers' rules (``fastis.demo.baselines``).
-
-The clock counts training steps only: evaluations pause it.
+The clock counts training steps only (``TrainingClock``): evaluations, and in an
+interleaved comparison the other methods' slices, pause it. A method's learning rate
+follows ``cfg.schedule`` as a function of its own trained share of the budget.
 """
 
 import math
@@ -25,10 +19,11 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
-import fastis
-from fastis.demo import baselines
-from fastis.demo.config import BASELINES, METHODS, RunConfig
+from fastis.demo.config import RunConfig
+from fastis.demo.methods import make_method
 from fastis.demo.models import MNIST1DCNN
+
+__all__ = ["Trainer", "TrainingClock", "evaluate", "make_method", "run", "warm_up"]
 
 
 def evaluate(model, x, y, x_test, y_test, batch: int = 8192) -> tuple[float, float]:
@@ -48,90 +43,176 @@ def evaluate(model, x, y, x_test, y_test, batch: int = 8192) -> tuple[float, flo
     return float(loss), float(wrong) / len(x_test)
 
 
-class _Uniform:
-    """Shuffled passes, ``b`` at a time (the baseline every user already has)."""
+class TrainingClock:
+    """Seconds of one method's training: runs between ``start()`` and ``stop()`` only.
 
-    def __init__(self, n, cfg):
-        self.n, self.b = n, cfg.batch_size
-        self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.perm, self.pos = torch.randperm(n, generator=self.gen), 0
+    Calling it reads the training seconds so far (including the running step's), so it
+    can serve as another component's clock (the measured switch's step timer) that never
+    sees evaluations or other methods' time.
 
-    def step(self, model, x, y, fraction):
-        if self.pos + self.b > self.n:
-            self.perm, self.pos = torch.randperm(self.n, generator=self.gen), 0
-        idx = self.perm[self.pos : self.pos + self.b].to(x.device)
-        self.pos += self.b
-        return F.cross_entropy(model(x[idx]), y[idx])
+    Args:
+        base: the wall clock read at ``start`` / ``stop`` (default ``time.perf_counter``; a
+            fake one in tests).
+    """
 
-    def state(self):
-        return {"mode": "uniform"}
+    def __init__(self, base: Callable[[], float] | None = None):
+        self.base = base if base is not None else time.perf_counter
+        self.total = 0.0  # seconds of finished steps
+        self._since: float | None = None
 
-    def summary(self):
-        return {"steps_importance": 0}
+    def start(self) -> None:
+        self._since = float(self.base())
+
+    def stop(self) -> float:
+        """Ends the running interval; returns its seconds."""
+        seconds = float(self.base()) - self._since
+        self.total += seconds
+        self._since = None
+        return seconds
+
+    def __call__(self) -> float:
+        running = 0.0 if self._since is None else float(self.base()) - self._since
+        return self.total + running
 
 
-class _Sampled:
-    """A fastis sampler driving the steps: select, train, feed the scores back."""
+class Trainer:
+    """One method's run: build with ``Trainer(cfg, data)``, ``advance`` it, read ``result()``.
 
-    def __init__(self, sampler, feedback: str):
-        self.sampler, self.feedback = sampler, feedback
-        self.batches = iter(sampler)
+    The model is built right after ``torch.manual_seed(cfg.seed)``, so the methods of a
+    comparison with the same seed start from the same weights; the methods' own
+    generators are seeded from ``cfg.seed`` too. The curve is evaluated at 0 and every
+    ``budget / evals`` seconds of training (evaluation outside the clock).
 
-    def step(self, model, x, y, fraction):
-        try:
-            batch = next(self.batches)
-        except StopIteration:  # one pass (an "epoch" of the batch sampler) is over
-            self.batches = iter(self.sampler)
-            batch = next(self.batches)
-        idx = torch.as_tensor(batch, device=x.device)
-        xb, yb, w = self.sampler.select(model, x[idx], y[idx])
-        if self.feedback == "loss":
-            rows = fastis.cross_entropy(model(xb), yb, sample_weight=w, reduction="none")
-            self.sampler.update((rows / w).detach())  # the unweighted per-sample losses
-            return rows.mean()
-        loss, g = fastis.cross_entropy(model(xb), yb, sample_weight=w, return_score=True)
-        self.sampler.update(g)
+    Args:
+        cfg: the run.
+        data: ``(x_train, y_train, x_test, y_test)`` on ``cfg.device``.
+        model_fn: builds the model (default: the demo's ``MNIST1DCNN``).
+        clock: the wall clock under the training clock (default ``time.perf_counter``).
+        curve: evaluate the curve (default True; False for a throwaway warm-up run).
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        data,
+        model_fn: Callable[[], torch.nn.Module] | None = None,
+        clock: Callable[[], float] | None = None,
+        curve: bool = True,
+    ):
+        self.cfg, self.data, self._evaluates = cfg, data, curve
+        x = data[0]
+        torch.manual_seed(cfg.seed)
+        self.model = (model_fn or MNIST1DCNN)().to(cfg.device)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+        self.clock = TrainingClock(clock)
+        self.method = make_method(cfg, len(x), lr_share=self._lr_share, clock=self.clock)
+        self.cuda = torch.device(cfg.device).type == "cuda"
+        self.curve = {"time": [], "train_loss": [], "test_error": [], "step": []}
+        self.steps, self.slices = 0, 0
+        self._running, self._last_report = None, 0.0
+        if curve:
+            self._record()
+        self._next_eval = cfg.budget / cfg.evals if curve else math.inf
+
+    @property
+    def trained(self) -> float:
+        """Seconds of training so far."""
+        return self.clock.total
+
+    @property
+    def done(self) -> bool:
+        return self.clock.total >= self.cfg.budget
+
+    def _lr_share(self) -> float:
+        return self.opt.param_groups[0]["lr"] / self.cfg.lr
+
+    def _record(self) -> None:
+        loss, err = evaluate(self.model, *self.data)
+        for key, value in zip(self.curve, (self.clock.total, loss, err, self.steps), strict=True):
+            self.curve[key].append(value)
+
+    def step(self) -> torch.Tensor:
+        """One timed training step (the rate set from the trained share); its loss."""
+        x, y = self.data[0], self.data[1]
+        fraction = self.clock.total / self.cfg.budget
+        self.clock.start()
+        lr = self.cfg.lr_at(fraction)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        loss = self.method.step(self.model, x, y, fraction)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.clock.stop()
+        self.steps += 1
         return loss
 
-    def state(self):
-        s = self.sampler
-        if isinstance(s, fastis.ImportanceSampler):
-            return {"tau": s.tau, "mode": "IS" if s.is_active else "uniform"}
-        return {"tau": s.tau, "mode": "history"}
+    def advance(
+        self, seconds: float = math.inf, progress: Callable[[float, dict], None] | None = None
+    ) -> float:
+        """Trains for about ``seconds`` more of training time (until the step that passes
+        them ends) or to the budget, evaluating at the curve's points; returns the seconds
+        trained.
 
-    def summary(self):
-        return self.sampler.stats()
+        Args:
+            progress: called as ``progress(seconds_trained, state)`` about twice a second
+                of training (``state``: a running loss and the method's state).
+        """
+        start = self.clock.total
+        self.slices += 1
+        while not self.done and self.clock.total - start < seconds:
+            loss = self.step()
+            clock = self.clock.total
+            if self._evaluates and (clock >= self._next_eval or clock >= self.cfg.budget):
+                self._record()
+                self._next_eval += self.cfg.budget / self.cfg.evals
+            if progress is not None and clock - self._last_report >= 0.5:
+                value = float(loss)
+                running = self._running
+                self._running = (
+                    value
+                    if running is None or not math.isfinite(running)
+                    else 0.9 * running + 0.1 * value
+                )
+                progress(clock, {"loss": self._running, **self.method.state()})
+                self._last_report = clock
+        return self.clock.total - start
+
+    def result(self) -> dict:
+        """The run's record (see ``run``)."""
+        summary = self.method.summary()
+        # the history sampler draws every batch by its scores; Algorithm 1 only while on
+        steps = self.steps
+        importance = steps if self.cfg.method == "history" else summary.get("steps_importance", 0)
+        return {
+            "config": asdict(self.cfg),
+            "curve": self.curve,
+            "steps": steps,
+            "steps_importance": int(importance),
+            "final_train_loss": self.curve["train_loss"][-1],
+            "final_test_error": self.curve["test_error"][-1],
+            "seconds_per_step": self.clock.total / max(steps, 1),
+            "sampler": summary,
+        }
 
 
-def _per_sample_loss(outputs, targets):
-    return F.cross_entropy(outputs, targets, reduction="none")
-
-
-def make_method(cfg: RunConfig, n: int):
-    if cfg.method == "uniform":
-        return _Uniform(n, cfg)
-    if cfg.method == "history":
-        return _Sampled(
-            fastis.HistorySampler(
-                n,
-                cfg.batch_size,
-                seed=cfg.seed,
-                rebuild_every=cfg.history_rebuild_every,
-                uniform_mix=cfg.history_uniform_mix,
-            ),
-            feedback="score",
-        )
-    if cfg.method in ("upper-bound", "loss"):
-        score_fn = _per_sample_loss if cfg.method == "loss" else None
-        sampler = fastis.ImportanceSampler(
-            n, cfg.batch_size, seed=cfg.seed, presample_size=cfg.presample_size, score_fn=score_fn
-        )
-        return _Sampled(sampler, feedback="loss" if cfg.method == "loss" else "score")
-    if cfg.method == "infobatch":
-        return baselines.InfoBatch(n, cfg)
-    if cfg.method == "selective-backprop":
-        return baselines.SelectiveBackprop(n, cfg)
-    raise ValueError(f"unknown method {cfg.method!r}; choose from {METHODS + BASELINES}")
+def warm_up(cfgs: list[RunConfig], data, steps: int, model_fn=None) -> None:
+    """Trains a discarded copy of the first run of each method of ``cfgs`` for ``steps``
+    steps (no curve), so that no run pays the process's first calls (kernel set-up,
+    allocations: a first step can take a hundred times a step) in its budget."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"warmup_steps must be an int >= 0, got {steps!r}")
+    if steps == 0:
+        return
+    firsts = {}
+    for cfg in cfgs:
+        firsts.setdefault(cfg.method, cfg)
+    for cfg in firsts.values():
+        throwaway = Trainer(cfg, data, model_fn=model_fn, curve=False)
+        for _ in range(steps):
+            throwaway.step()
 
 
 def run(
@@ -139,70 +220,24 @@ def run(
     data,
     progress: Callable[[float, dict], None] | None = None,
     model_fn: Callable[[], torch.nn.Module] | None = None,
+    clock: Callable[[], float] | None = None,
+    warmup_steps: int = 2,
 ) -> dict:
-    """Trains ``cfg.method`` for ``cfg.budget`` seconds of training; returns its record.
+    """Trains ``cfg.method`` for ``cfg.budget`` seconds of training in one go; its record.
 
     Args:
         data: ``(x_train, y_train, x_test, y_test)`` on ``cfg.device``.
         progress: called as ``progress(seconds_trained, state)`` about twice a second.
         model_fn: builds the model (default: the demo's ``MNIST1DCNN``).
+        clock: the wall clock (default ``time.perf_counter``).
+        warmup_steps: untimed steps of a discarded copy first (``warm_up``; default 2).
 
     Returns:
         A dict: the config, ``curve`` (``time``, ``train_loss``, ``test_error``, ``step``
         lists), ``steps``, ``steps_importance``, ``final_train_loss``, ``final_test_error``,
         ``sampler`` (the sampler's stats) and ``seconds_per_step``.
     """
-    x, y, x_test, y_test = data
-    torch.manual_seed(cfg.seed)
-    model = (model_fn or MNIST1DCNN)().to(cfg.device)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    method = make_method(cfg, len(x))
-    cuda = torch.device(cfg.device).type == "cuda"
-    curve = {"time": [], "train_loss": [], "test_error": [], "step": []}
-
-    def record(clock, steps):
-        loss, err = evaluate(model, x, y, x_test, y_test)
-        for key, value in zip(curve, (clock, loss, err, steps), strict=True):
-            curve[key].append(value)
-
-    clock, steps, running = 0.0, 0, None
-    record(clock, steps)
-    next_eval, last_report = cfg.budget / cfg.evals, 0.0
-    while clock < cfg.budget:
-        start = time.perf_counter()
-        lr = cfg.lr_at(clock / cfg.budget)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        loss = method.step(model, x, y, clock / cfg.budget)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if cuda:
-            torch.cuda.synchronize()
-        clock += time.perf_counter() - start
-        steps += 1
-        if clock >= next_eval or clock >= cfg.budget:
-            record(clock, steps)
-            next_eval += cfg.budget / cfg.evals
-        if progress is not None and clock - last_report >= 0.5:
-            value = float(loss)
-            running = (
-                value
-                if running is None or not math.isfinite(running)
-                else 0.9 * running + 0.1 * value
-            )
-            progress(clock, {"loss": running, **method.state()})
-            last_report = clock
-    summary = method.summary()
-    # the history sampler draws every batch by its scores; Algorithm 1 only while on
-    importance = steps if cfg.method == "history" else summary.get("steps_importance", 0)
-    return {
-        "config": asdict(cfg),
-        "curve": curve,
-        "steps": steps,
-        "steps_importance": int(importance),
-        "final_train_loss": curve["train_loss"][-1],
-        "final_test_error": curve["test_error"][-1],
-        "seconds_per_step": clock / max(steps, 1),
-        "sampler": summary,
-    }
+    warm_up([cfg], data, warmup_steps, model_fn)
+    trainer = Trainer(cfg, data, model_fn=model_fn, clock=clock)
+    trainer.advance(progress=progress)
+    return trainer.result()

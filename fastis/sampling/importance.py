@@ -149,6 +149,12 @@ class ImportanceSampler(BatchStream):
         ...     loss, g = fastis.cross_entropy(model(x), y, sample_weight=w, return_score=True)
         ...     sampler.update(g)
         ...     opt.zero_grad(); loss.backward(); opt.step()
+
+    (Why this class is long: about half of it is this docstring, the user's one reference
+    for Algorithm 1 and its options. The parts live in their own modules: the index stream
+    in ``stream``, the switch in ``switch`` / ``measured``, the draw in ``draw``, the
+    amortised presample in ``reuse``, the constant-noise sizes in ``noise``; what stays here
+    is the wiring of one step and the checkpoint format, which must see all of them.)
     """
 
     def __init__(
