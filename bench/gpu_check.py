@@ -33,12 +33,18 @@ from pathlib import Path
 
 import torch
 
-from bench import gpu_alias, gpu_cross_entropy, gpu_sampler, gpu_score
+from bench import gpu_alias, gpu_cross_entropy, gpu_linear, gpu_sampler, gpu_score
 from bench._section import Settings
 from bench._timing import copy_bandwidth, describe, malloc_label, pin_glibc_malloc
 
 # the report's order; the cheap parts (no-sync and graph checks) run first
-PARTS = gpu_score.PARTS + gpu_cross_entropy.PARTS + gpu_alias.PARTS + gpu_sampler.PARTS
+PARTS = (
+    gpu_score.PARTS
+    + gpu_cross_entropy.PARTS
+    + gpu_linear.PARTS
+    + gpu_alias.PARTS
+    + gpu_sampler.PARTS
+)
 
 
 def run_tests(report, timeout=300):
