@@ -194,11 +194,13 @@ def _checked_weight(weight: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     check_rows("sample_weight", weight, logits, rows=logits.shape[:1] if sequences else None)
     valid = (weight >= 0) & torch.isfinite(weight)
     checkable = weight.device.type == "cpu" and not torch.compiler.is_compiling()
-    if checkable and not valid.all():
-        value = weight[~valid][0].item()
-        raise ValueError(f"sample_weight must be finite and non-negative, got {value}")
-    # where the check would synchronise, a bad weight poisons its row instead
-    weight = torch.where(valid, weight, float("nan")).to(
-        torch.float64 if logits.dtype == torch.float64 else torch.float32
-    )
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    if checkable:
+        if not valid.all():
+            value = weight[~valid][0].item()
+            raise ValueError(f"sample_weight must be finite and non-negative, got {value}")
+    else:
+        # where the check would synchronise, a bad weight poisons its row instead
+        weight = torch.where(valid, weight, float("nan"))
+    weight = weight.to(dtype)
     return weight[:, None] if sequences else weight

@@ -582,3 +582,15 @@ def test_unbatched_and_no_classes_like_torch(backend, device):
     if device == "cpu":
         with pytest.raises(ValueError, match=r"outside \[0, 0\)"):
             fastis.cross_entropy(empty, torch.zeros(3, dtype=torch.long))
+
+
+def test_ignored_rows_get_zero_gradient_even_with_nan_logits(backend, device):
+    z = torch.randn(3, 4, device=device)
+    z[1, 2] = float("nan")
+    z[2, 0] = float("inf")
+    z.requires_grad_(True)
+    y = torch.tensor([0, -100, -100], device=device)
+    loss, score = fastis.cross_entropy(z, y, reduction="sum", return_score=True)
+    (grad,) = torch.autograd.grad(loss, z)
+    assert loss.isfinite() and (score[1:] == 0).all()
+    assert grad[0].isfinite().all() and (grad[1:] == 0).all()
