@@ -26,7 +26,7 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -51,7 +51,7 @@ def kernel_backend(tensor: torch.Tensor) -> str:
         return "triton" if tensor.is_cuda and triton_available() else "torch"
     if not triton_available():
         raise RuntimeError("FASTIS_BACKEND=triton but triton is not installed")
-    if not tensor.is_cuda and not _interpreting():
+    if not tensor.is_cuda and not interpreting():
         raise RuntimeError(
             f"FASTIS_BACKEND=triton on a {tensor.device.type} tensor needs TRITON_INTERPRET=1 "
             "(set before the first kernel launch)"

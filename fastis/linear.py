@@ -11,6 +11,7 @@ import torch
 from fastis._checks import bool_arg, float_arg, index_arg
 from fastis.constants import IGNORE_INDEX, INDEX_DTYPES, REDUCTIONS
 from fastis.linear_ops import linear_xent
+from fastis.loss import reduce_rows, weight_factor
 from fastis.ops import count_rows
 from fastis.score import scale_by_features, sequence_norm
 
@@ -105,13 +106,8 @@ def linear_cross_entropy(
         eps,
         return_score,
     )
-    loss = loss.view(rows)
-    if factor is not None:
-        loss = loss * factor
-    if reduction == "sum":
-        loss = loss.sum()
-    elif reduction == "mean":
-        loss = loss.sum() / count_rows(target, hidden, ignore_index)
+    count = count_rows(target, hidden, ignore_index) if reduction == "mean" else None
+    loss = reduce_rows(loss.view(rows), factor, reduction, count)
     if not return_score:
         return loss
     g = g.detach().view(rows)
@@ -186,13 +182,7 @@ def _checked_weight(weight, hidden) -> torch.Tensor:
             f"sample_weight must have shape {want} for hidden of shape "
             f"{tuple(hidden.shape)}, got {tuple(weight.shape)}"
         )
-    valid = (weight >= 0) & torch.isfinite(weight)
-    checkable = weight.device.type == "cpu" and not torch.compiler.is_compiling()
-    if checkable and not valid.all():
-        value = weight[~valid][0].item()
-        raise ValueError(f"sample_weight must be finite and non-negative, got {value}")
-    # where the check would synchronise, a bad weight poisons its row instead
-    weight = torch.where(valid, weight, float("nan")).to(
-        torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    weight = weight_factor(
+        weight, torch.float64 if hidden.dtype == torch.float64 else torch.float32
     )
     return weight[:, None] if weight.dim() == 1 and hidden.dim() == 3 else weight

@@ -118,13 +118,13 @@ def cross_entropy(
     if inplace:
         check_inplace(logits)
         loss, score = InplaceSoftmaxXent.apply(
-            logits, target, row_weight, reduction, ignore_index, eps, count, _reduce
+            logits, target, row_weight, reduction, ignore_index, eps, count, reduce_rows
         )
     else:
         loss, score = softmax_xent_autograd(logits, target, ignore_index, eps, return_score)
         if ignored is not None:
             loss = torch.where(ignored, 0.0, loss)
-        loss = _reduce(loss, row_weight, reduction, count)
+        loss = reduce_rows(loss, row_weight, reduction, count)
     if unbatched and reduction == "none":
         loss = loss[0]
     if not return_score:
@@ -136,7 +136,8 @@ def cross_entropy(
     return loss, score[0] if unbatched else score
 
 
-def _reduce(row_loss, weight, reduction, count):
+def reduce_rows(row_loss, weight, reduction, count):
+    """Per-row losses times their weights, then ``'sum'`` / ``'mean'`` (over ``count``)."""
     if weight is not None:
         row_loss = row_loss * weight
     if reduction == "sum":
@@ -192,15 +193,21 @@ def _checked_weight(weight: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """``weight`` ``[N]`` / ``[B]`` as a factor on the per-row losses ``[N]`` / ``[B, T]``."""
     sequences = logits.dim() == 3
     check_rows("sample_weight", weight, logits, rows=logits.shape[:1] if sequences else None)
+    weight = weight_factor(
+        weight, torch.float64 if logits.dtype == torch.float64 else torch.float32
+    )
+    return weight[:, None] if sequences else weight
+
+
+def weight_factor(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A checked ``sample_weight`` in ``dtype``: on the CPU (eager) a negative, NaN or
+    infinite weight raises ``ValueError``; where the check would synchronise (CUDA,
+    ``torch.compile``) such a weight becomes NaN, poisoning its row instead."""
     valid = (weight >= 0) & torch.isfinite(weight)
-    checkable = weight.device.type == "cpu" and not torch.compiler.is_compiling()
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    if checkable:
+    if weight.device.type == "cpu" and not torch.compiler.is_compiling():
         if not valid.all():
             value = weight[~valid][0].item()
             raise ValueError(f"sample_weight must be finite and non-negative, got {value}")
     else:
-        # where the check would synchronise, a bad weight poisons its row instead
         weight = torch.where(valid, weight, float("nan"))
-    weight = weight.to(dtype)
-    return weight[:, None] if sequences else weight
+    return weight.to(dtype)

@@ -154,10 +154,12 @@ def cross_entropy_rows(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """The ``loss`` of ``softmax_xent`` alone, shaped ``logits.shape[:-1]``.
+    """The ``loss`` of ``softmax_xent`` alone, shaped ``logits.shape[:-1]``, differentiable.
 
     On the CPU this is torch's own fused cross-entropy (one call, the same numbers up to
-    rounding), with ``softmax_xent``'s rule for a ``+inf`` logit (NaN; torch gives inf).
+    rounding; its autograd is the CPU path's gradient), with ``softmax_xent``'s rules: a
+    ``+inf`` logit gives a NaN row (torch gives inf when it is not the target) and an
+    ignored row a zero gradient even with NaN logits (torch's backward spreads the NaN).
     Elsewhere (a class index out of range would trip a device assertion there, where
     ``softmax_xent`` marks the row NaN) it is ``softmax_xent`` itself.
     """
@@ -168,18 +170,16 @@ def cross_entropy_rows(
         )[0]
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
     z = logits.reshape(-1, C).to(compute)
-    t = (
-        target.reshape(-1, C).to(compute)
-        if target.is_floating_point()
-        else target.reshape(-1).long()
-    )
+    soft = target.is_floating_point()
+    t = target.reshape(-1, C).to(compute) if soft else target.reshape(-1).long()
+    if not soft:
+        z = torch.where((t == ignore_index)[:, None], 0.0, z)
     loss = torch.nn.functional.cross_entropy(
         z, t, reduction="none", ignore_index=ignore_index, label_smoothing=label_smoothing
     )
-    if z.shape[0] and C:
-        loss = loss.masked_fill_(z.amax(-1) == float("inf"), float("nan"))
-        if not target.is_floating_point():
-            loss = loss.masked_fill_(t == ignore_index, 0.0)
+    if z.shape[0]:
+        undefined = z.detach().amax(-1) == float("inf")
+        loss = loss + torch.where(undefined, float("nan"), 0.0)  # NaN, gradient unchanged
     return loss.view(logits.shape[:-1])
 
 

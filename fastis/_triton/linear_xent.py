@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastis._backend import _interpreting
+from fastis._backend import interpreting
 from fastis._triton.rows import class_index, count_undefined, logaddexp, online_max
 
 
@@ -145,7 +145,7 @@ def linear_xent(hidden, weight, bias, target, *, ignore_index, label_smoothing):
         *hidden.stride(), *weight.stride(), 0 if bias is None else bias.stride(0),
         target.stride(0),
         HAS_BIAS=bias is not None, SMOOTH=label_smoothing != 0.0,
-        DOT_F32=hidden.dtype == torch.float32 or _interpreting(),
+        DOT_F32=hidden.dtype == torch.float32 or interpreting(),
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
     )  # fmt: skip
     return loss, lse, score
