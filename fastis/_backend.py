@@ -2,14 +2,17 @@
 
 ``FASTIS_BACKEND`` (read once per call, by ``kernel_backend``, so tests can switch it):
 
-- ``auto`` (default): Triton for CUDA tensors when Triton is importable, torch otherwise.
+- ``auto`` (default), per device, what ``bench/results/native_cpu.md`` and the GPU check
+  measured fastest: on CUDA tensors Triton when it is importable; on CPU tensors the native
+  library when it is loaded (``pip install`` builds it) and the dtype is float32, float16
+  or bfloat16; the torch path otherwise (float64 always stays there, in float64).
 - ``torch``: always the plain-torch path (``fastis.reference``).
 - ``triton``: always the Triton kernels. CPU tensors need ``TRITON_INTERPRET=1`` set before
   the first kernel is used (Triton's interpreter); that is how the tests run the real
   kernel code on machines without a GPU.
 - ``native``: the CMake-built C++ / CUDA library (``fastis._native``) for the softmax
-  cross-entropy ops; raises when the library is not built. The alias sampling keeps its
-  ``auto`` choice.
+  cross-entropy ops, every dtype; raises when the library is not built. The alias sampling
+  keeps its ``auto`` choice (the torch path on the CPU, whatever ``auto`` says here).
 """
 
 import functools
@@ -19,6 +22,10 @@ import os
 import torch
 
 BACKENDS = ("auto", "torch", "triton", "native")
+
+# the logits dtypes ``auto`` sends to the native library on the CPU (float32 accumulation,
+# as the Triton kernels); float64 keeps the torch path's float64 arithmetic
+NATIVE_AUTO_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @functools.cache
@@ -48,7 +55,9 @@ def kernel_backend(tensor: torch.Tensor) -> str:
             )
         return "native"
     if mode == "auto":
-        return "triton" if tensor.is_cuda and triton_available() else "torch"
+        if tensor.is_cuda:
+            return "triton" if triton_available() else "torch"
+        return "native" if _native_auto(tensor) else "torch"
     if not triton_available():
         raise RuntimeError("FASTIS_BACKEND=triton but triton is not installed")
     if not tensor.is_cuda and not interpreting():
@@ -62,3 +71,13 @@ def kernel_backend(tensor: torch.Tensor) -> str:
 def use_triton(tensor: torch.Tensor) -> bool:
     """True when the call on ``tensor`` should run the Triton kernel."""
     return kernel_backend(tensor) == "triton"
+
+
+def _native_auto(tensor: torch.Tensor) -> bool:
+    """``auto``'s CPU choice: the native library for the dtypes it was measured on, when it
+    loads (the first call that asks loads it, and warns once if it cannot)."""
+    if tensor.device.type != "cpu" or tensor.dtype not in NATIVE_AUTO_DTYPES:
+        return False
+    from fastis import _native
+
+    return _native.available()

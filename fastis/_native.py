@@ -6,9 +6,10 @@ the library, which answers with a status code (never a crash); this module turns
 into an exception that names it.
 
 Where the library comes from: ``FASTIS_NATIVE_LIB`` (a path to ``libfastis.so``), else the
-copy installed inside the package, else ``build/`` at the top of the source tree (what
-``cmake -S . -B build && cmake --build build`` writes). ``library()`` returns ``None``, and
-says why once, when there is none.
+copy that ``pip install`` builds into the package (``fastis/lib/``; an editable install
+keeps it in its own tree, one of the package's ``__path__`` entries), else ``build/`` at the
+top of the source tree (what ``cmake -S . -B build && cmake --build build`` writes).
+``library()`` returns ``None``, and says why once, when there is none.
 
 Functions (same contracts as the Triton launchers in ``fastis._triton``):
 
@@ -73,8 +74,11 @@ def _candidates() -> list[Path]:
     env = os.environ.get("FASTIS_NATIVE_LIB")
     if env:
         return [Path(env)]
+    import fastis  # its __path__: the source tree, and an editable install's build tree
+
     here = Path(__file__).resolve().parent
-    return [here / name, here.parent / "build" / name]
+    dirs = [Path(d) for d in fastis.__path__]
+    return [*(d / "lib" / name for d in dirs), here / name, here.parent / "build" / name]
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -121,9 +125,10 @@ def library() -> ctypes.CDLL | None:
 
 def _unavailable(why: str) -> None:
     warnings.warn(
-        f"fastis: native kernels unavailable: {why}. Build them with "
-        "`cmake -S . -B build && cmake --build build` (or point FASTIS_NATIVE_LIB at "
-        "libfastis.so); fastis runs its Triton and torch paths meanwhile.",
+        f"fastis: native kernels unavailable: {why}. `pip install` builds them when a C++ "
+        "compiler is found (or build them with `cmake -S . -B build && cmake --build build`, "
+        "or point FASTIS_NATIVE_LIB at libfastis.so); fastis runs its Triton and torch "
+        "paths meanwhile.",
         RuntimeWarning,
         stacklevel=3,
     )

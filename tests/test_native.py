@@ -268,6 +268,19 @@ def test_alias_build_is_exact(native, w):
     assert (implied[w == 0] == 0).all()
 
 
+@pytest.mark.parametrize("n", [30, 3001])
+@pytest.mark.parametrize("kind", ["mean_filled", "near_one"])
+def test_alias_build_is_exact_at_the_mean(native, kind, n):
+    # many q at 1 or a few ulp above; the whole rounding of the total lands on one item
+    from test_alias import check_exact
+    from test_alias_ties import mean_filled, near_one
+
+    w = mean_filled(n, 1) if kind == "mean_filled" else near_one(n, 2, 1)
+    for dtype in (torch.float64, torch.float32):
+        prob, alias, _ = native.alias_build(w.to(dtype))
+        check_exact(prob, alias, w.to(dtype))
+
+
 def test_alias_build_rejects_bad_weights(native):
     for bad in ([1.0, -1.0], [1.0, float("nan")], [float("inf"), 1.0], [0.0, 0.0]):
         with pytest.raises(ValueError, match="a value is invalid"):
@@ -330,3 +343,58 @@ def test_missing_library_warns_once_and_returns_none(native, monkeypatch):
         monkeypatch.undo()
         native.library.cache_clear()
     assert native.library() is not None
+
+
+# ---------------------------------------------------------------- where auto sends a call
+
+
+def test_auto_runs_native_on_the_cpu_and_float64_on_torch(native, monkeypatch):
+    from fastis import _backend
+
+    monkeypatch.setenv("FASTIS_BACKEND", "auto")
+    for dtype in _backend.NATIVE_AUTO_DTYPES:
+        assert _backend.kernel_backend(torch.zeros(2, 3, dtype=dtype)) == "native"
+    assert _backend.kernel_backend(torch.zeros(2, 3, dtype=torch.float64)) == "torch"
+    assert _backend.kernel_backend(torch.zeros(2, 3, device="meta")) == "torch"
+    # the alias sampling keeps the torch path on the CPU
+    assert not _backend.use_triton(torch.ones(4))
+
+
+def test_auto_without_the_library_takes_the_torch_path(native, monkeypatch):
+    """No library (a machine without a compiler): one warning, then the torch path, whose
+    results match the native library's."""
+    import fastis
+    from fastis import _backend
+
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(37, 11, generator=g) * 4
+    y = torch.randint(0, 11, (37,), generator=g)
+    monkeypatch.setenv("FASTIS_BACKEND", "auto")
+    with_native = fastis.score(z, y)
+    monkeypatch.setenv("FASTIS_NATIVE_LIB", "/nonexistent/libfastis.so")
+    native.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="native kernels unavailable"):
+            assert _backend.kernel_backend(z) == "torch"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # said once, not per call
+            without = fastis.score(z, y)
+            fastis.cross_entropy(z, y)
+    finally:
+        monkeypatch.undo()
+        native.library.cache_clear()
+    torch.testing.assert_close(without, with_native, rtol=2e-6, atol=2e-6)
+
+
+def test_the_installed_copy_is_found_in_every_package_directory(monkeypatch):
+    """An editable install keeps the built library in its own tree, one of the package's
+    ``__path__`` entries; ``FASTIS_NATIVE_LIB`` overrides every candidate."""
+    import fastis
+    from fastis import _native
+
+    monkeypatch.delenv("FASTIS_NATIVE_LIB", raising=False)
+    candidates = _native._candidates()
+    for d in fastis.__path__:
+        assert any(c.parent == Path(d) / "lib" for c in candidates)
+    monkeypatch.setenv("FASTIS_NATIVE_LIB", "/some/where/libfastis.so")
+    assert _native._candidates() == [Path("/some/where/libfastis.so")]
