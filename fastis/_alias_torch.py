@@ -14,9 +14,19 @@ next heavy item) has a closed form in these prefix sums:
 
 Every bucket's ``prob + (1 - prob) = 1`` goes to at most two items, and the mass of heavy
 ``h`` telescopes to ``r_h + (A_{i(h)} - A_{i(h')}) + (1 - r_{h'}) = 1 + H_h - H_{h'} = q_h``
-(``h'`` the previous heavy). So the whole table is two prefix sums and two sorted
-searches: the split method with one piece per item. Where rounding leaves a bucket with no
-heavy item to point at (its deficit is then rounding-sized) it points at itself.
+(``h'`` the previous heavy).
+
+Ties. A heavy item whose excess is lost in the rounding of ``H`` (``H_h <= H_{h'}``:
+``e_h`` below half an ulp of ``H``, e.g. ``q_h = 1 + 1 ulp`` after a large excess) would be
+topped up by nobody under these rules (the lights go to the first of equal ``H`` values,
+the strict search skips it) and keep only ``r_h``, losing ``1 - r_h`` of its mass. It is a
+bucket of its own instead (prob 1, alias itself): mass ``1 = q_h`` up to that rounding, and
+its neighbours telescope over it since ``H_h = H_{h'}``. Nothing points at it: every
+search returns a position where ``H`` rises.
+
+So the whole table is two prefix sums and two sorted searches: the split method with one
+piece per item. Where rounding leaves a bucket with no heavy item to point at (its deficit
+is then rounding-sized) it points at itself.
 
 The same closed form runs on any device (the searches are ``torch.searchsorted``); the
 Triton path fuses it (``fastis._triton.alias``).
@@ -138,7 +148,10 @@ def build(
     pos = torch.searchsorted(a, h, right=False)
     found = pos < n_light
     r = torch.where(found, (1.0 + h - a[pos.clamp_max(n_light - 1)]).clamp_(0.0, 1.0), 1.0)
-    prob[hi] = r
+    # a heavy whose H does not rise above the previous heavy's is its own bucket (docstring)
+    tied = torch.zeros(n_heavy, dtype=torch.bool, device=dev)
+    tied[1:] = h[1:] <= h[:-1]
+    prob[hi] = r.masked_fill_(tied, 1.0)
     del a, r, found
     # light j is topped up by heavy number #{h : pos_h < j} (the first with H_h > A_{j-1})
     counts = torch.bincount((pos + 1).clamp_max_(n_light), minlength=n_light + 1)[:n_light]
@@ -150,6 +163,7 @@ def build(
     step = torch.full((n_heavy,), n_heavy, dtype=torch.int64, device=dev)
     step[:-1] = torch.where(h[1:] > h[:-1], torch.arange(1, n_heavy, device=dev), n_heavy)
     nxt = step.flip(0).cummin(0).values.flip(0)
+    nxt.masked_fill_(tied, n_heavy)
     alias[hi] = torch.where(nxt < n_heavy, hi[nxt.clamp_max_(n_heavy - 1)], hi).to(alias.dtype)
     return prob, alias, probs
 
@@ -188,6 +202,11 @@ def build_dense(
     # Query per item: the exclusive prefix A_{k-1} for lights, H_k for heavies.
     a_excl = torch.zeros_like(a)
     a_excl[..., 1:] = a[..., :-1]
+    # H just before k (the previous heavy's H, 0 before the first): see ``build``'s ties
+    h_excl = torch.zeros_like(h)
+    h_excl[..., 1:] = h[..., :-1]
+    tied = light.logical_not().logical_and_(h <= h_excl)
+    del h_excl
     x = torch.where(light, a_excl, h)
     del a_excl
     target = torch.searchsorted(h, x, right=True)
@@ -197,11 +216,11 @@ def build_dense(
     found = pos < n
     a_at = a.gather(-1, pos.clamp_max_(n - 1))
     del pos, a
-    r = torch.where(found, (1.0 + h - a_at).clamp_(0.0, 1.0), 1.0)
+    r = torch.where(found, (1.0 + h - a_at).clamp_(0.0, 1.0), 1.0).masked_fill_(tied, 1.0)
     del a_at, h
     self_idx = torch.arange(n, device=dev, dtype=torch.int64)
     prob = torch.where(light, q, r, out=out_prob)
-    alias = out_alias.copy_(torch.where(target < n, target, self_idx))
+    alias = out_alias.copy_(torch.where((target < n) & ~tied, target, self_idx))
     return prob, alias, probs
 
 

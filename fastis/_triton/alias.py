@@ -162,9 +162,15 @@ def _alias_fill_kernel(
     off_a = tl.load(OffA + pid)
     prev_a = tl.load(PrevA + pid)
     scale_h = tl.load(ScaleH)
-    h_k = _value(H, offs, tl.load(OffH + pid), tl.load(PrevH + pid), mask) * scale_h
+    off_h = tl.load(OffH + pid)
+    prev_h = tl.load(PrevH + pid)
+    h_k = _value(H, offs, off_h, prev_h, mask) * scale_h
     first = (offs % BLOCK) == 0
     a_prev = tl.where(first, prev_a, _value(A, offs - 1, off_a, prev_a, mask & (~first)))
+    # a heavy item whose H does not rise above H_{k-1} (its excess vanished in the rounding)
+    # is its own bucket: no search returns it (see fastis._alias_torch.build)
+    h_prev = tl.where(first, prev_h, _value(H, offs - 1, off_h, prev_h, heavy & (~first)))
+    tied = heavy & (h_k <= h_prev * scale_h)
     x = tl.where(light, a_prev, h_k)
     # partner: the first heavy item whose H exceeds x (next heavy for a heavy item)
     target = _search(
@@ -182,9 +188,9 @@ def _alias_fill_kernel(
         A, pos, tl.load(OffA + blk, mask=found, other=0.0),
         tl.load(PrevA + blk, mask=found, other=0.0), found,
     )  # fmt: skip
-    r = tl.where(found, tl.minimum(tl.maximum(1.0 + h_k - a_at, 0.0), 1.0), 1.0)
+    r = tl.where(found & (~tied), tl.minimum(tl.maximum(1.0 + h_k - a_at, 0.0), 1.0), 1.0)
     tl.store(Prob + offs, tl.where(light, q, r), mask=mask)
-    alias = tl.where(target < N, target, offs)
+    alias = tl.where((target < N) & (~tied), target, offs)
     tl.store(Alias + offs, alias.to(Alias.dtype.element_ty), mask=mask)
 
 

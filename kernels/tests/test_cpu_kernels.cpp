@@ -222,6 +222,30 @@ static void test_alias_exact() {
   }
 }
 
+// Half the items at the mean of the others (N p = 1, or an ulp above, for many of them):
+// every item's implied mass within 1e-14 + 32 N 2^-53 of w / W, relative. The build's total
+// is compensated, so the rounding of the sum does not all land on the last heavy item.
+static void test_alias_mean_filled() {
+  for (int64_t n : {30, 3001}) {
+    std::vector<double> w(n), prob(n), probs(n), implied(n, 0.0);
+    std::vector<int64_t> alias(n);
+    double seen = 0, count = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      w[i] = exp(4.6 * fabs(sin(1.7 * i + 0.3)));
+      if (i % 2 == 0) seen += w[i], count += 1;
+    }
+    for (int64_t i = 1; i < n; i += 2) w[i] = seen / count;
+    EXPECT(fastis_alias_build_cpu(n, w.data(), FASTIS_FLOAT64, 1, prob.data(), alias.data(),
+                                  FASTIS_INT64, probs.data()) == FASTIS_OK);
+    for (int64_t i = 0; i < n; ++i) {
+      implied[i] += prob[i] / n;
+      implied[alias[i]] += (1 - prob[i]) / n;
+    }
+    const double rtol = 1e-14 + 32.0 * n * ldexp(1.0, -53);
+    for (int64_t i = 0; i < n; ++i) EXPECT(fabs(implied[i] - probs[i]) <= rtol * probs[i]);
+  }
+}
+
 int main() {
   test_hard(7, 0.0);
   test_hard(7, 0.1);
@@ -232,6 +256,7 @@ int main() {
   test_inplace_bf16();
   test_building_blocks();
   test_alias_exact();
+  test_alias_mean_filled();
   if (failures) fprintf(stderr, "%d failure(s)\n", failures);
   else printf("test_cpu_kernels: all passed\n");
   return failures ? 1 : 0;
