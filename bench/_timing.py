@@ -77,11 +77,17 @@ def bench_ms(fn: Callable[[], object], device) -> float:
 
 
 def interleaved_ms(
-    steps: dict[str, Callable[[], object]], calls: int, device, rounds: int = 5
+    steps: dict[str, Callable[[], object]],
+    calls: int,
+    device,
+    rounds: int = 5,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
     """Median milliseconds per call of each of ``steps``, timed in ``rounds`` alternating
     slices of ``calls // rounds`` calls (after a warm-up of each), so that a machine whose
-    speed drifts during the measurement slows every variant alike."""
+    speed drifts during the measurement slows every variant alike. ``clock``: the host's
+    by default; ``time.thread_time`` counts this thread's CPU time only (on the CPU, with
+    one intra-op thread, what a shared machine's other processes do not inflate)."""
     per_round = max(1, calls // rounds)
     for step in steps.values():
         for _ in range(max(3, per_round // 5)):
@@ -90,11 +96,11 @@ def interleaved_ms(
     for _ in range(rounds):
         for name, step in steps.items():
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             for _ in range(per_round):
                 step()
             sync(device)
-            times[name].append((time.perf_counter() - start) / per_round * 1e3)
+            times[name].append((clock() - start) / per_round * 1e3)
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 

@@ -6,12 +6,16 @@ Runs the op ``fastis::softmax_xent`` and its backward ``fastis::softmax_xent_gra
 (``fastis.reference``) elsewhere and for float64.
 """
 
+import math
+
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from fastis._checks import bool_arg, check_logits_target, check_rows, index_arg
 from fastis.class_weight import apply_class_weight, check_class_weight
 from fastis.constants import IGNORE_INDEX, REDUCTIONS
 from fastis.ops import InplaceSoftmaxXent, count_rows, softmax_xent_autograd
+from fastis.ops import _check_values as check_values
 from fastis.score import sequence_norm, unsqueeze_unbatched
 
 
@@ -105,7 +109,7 @@ def cross_entropy(
     row_weight = None if sample_weight is None else _checked_weight(sample_weight, logits)
     if target.dtype == torch.uint8:
         target = target.long()
-    eps, factor, ignored = float(label_smoothing), None, None
+    eps, factor, ignored, clean = float(label_smoothing), None, None, None
     if weight is not None:
         check_class_weight(weight, logits)
         if not target.is_floating_point() and eps:
@@ -113,15 +117,25 @@ def cross_entropy(
         target, eps, factor, count = apply_class_weight(logits, target, weight, ignore_index, eps)
         if factor is not None:
             row_weight = factor if row_weight is None else row_weight * factor
+    elif inplace:
+        count = count_rows(target, logits, ignore_index)
     else:
-        count = count_rows(target, logits, ignore_index) if reduction == "mean" or inplace else None
+        # class indices read once here (CPU eager): when none is ignored, a mean divides by
+        # the number of rows, with no counting op
+        clean = _eager_checked(logits, target, ignore_index)
+        if reduction != "mean":
+            count = None
+        elif clean:
+            count = logits.shape[:-1].numel()
+        else:
+            count = count_rows(target, logits, ignore_index)
     if inplace:
         check_inplace(logits)
         loss, score = InplaceSoftmaxXent.apply(
             logits, target, row_weight, reduction, ignore_index, eps, count, reduce_rows
         )
     else:
-        loss, score = softmax_xent_autograd(logits, target, ignore_index, eps, return_score)
+        loss, score = softmax_xent_autograd(logits, target, ignore_index, eps, return_score, clean)
         if ignored is not None:
             loss = torch.where(ignored, 0.0, loss)
         loss = reduce_rows(loss, row_weight, reduction, count)
@@ -136,8 +150,19 @@ def cross_entropy(
     return loss, score[0] if unbatched else score
 
 
+def _eager_checked(logits, target, ignore_index) -> bool | None:
+    """``fastis.ops._check_values`` on the CPU in plain eager mode (what the op would check
+    anyway, read once for both), else None (the op checks where it can)."""
+    if logits.device.type != "cpu" or type(logits) is not torch.Tensor:
+        return None
+    if torch.compiler.is_compiling() or _current_dispatch_mode() is not None:
+        return None
+    return check_values(logits, target, ignore_index)
+
+
 def reduce_rows(row_loss, weight, reduction, count):
-    """Per-row losses times their weights, then ``'sum'`` / ``'mean'`` (over ``count``)."""
+    """Per-row losses times their weights, then ``'sum'`` / ``'mean'`` (over ``count``, a
+    tensor or a Python number)."""
     if weight is not None:
         row_loss = row_loss * weight
     if reduction == "sum":
@@ -203,11 +228,13 @@ def weight_factor(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A checked ``sample_weight`` in ``dtype``: on the CPU (eager) a negative, NaN or
     infinite weight raises ``ValueError``; where the check would synchronise (CUDA,
     ``torch.compile``) such a weight becomes NaN, poisoning its row instead."""
-    valid = (weight >= 0) & torch.isfinite(weight)
     if weight.device.type == "cpu" and not torch.compiler.is_compiling():
-        if not valid.all():
-            value = weight[~valid][0].item()
-            raise ValueError(f"sample_weight must be finite and non-negative, got {value}")
+        # one reduction and one read: a NaN makes both ends NaN, failing both tests
+        if weight.numel():
+            lo, hi = torch.aminmax(weight)
+            if not (lo.item() >= 0 and hi.item() < math.inf):
+                value = weight[~((weight >= 0) & torch.isfinite(weight))][0].item()
+                raise ValueError(f"sample_weight must be finite and non-negative, got {value}")
     else:
-        weight = torch.where(valid, weight, float("nan"))
+        weight = torch.where((weight >= 0) & torch.isfinite(weight), weight, float("nan"))
     return weight.to(dtype)

@@ -58,11 +58,14 @@ def _kernels(logits: torch.Tensor):
     return None
 
 
-def _check_values(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> None:
-    # reads the values: CPU tensors only (on CUDA it would synchronise; the kernels mark
-    # such rows NaN and read nothing out of bounds instead)
+def _check_values(logits: torch.Tensor, target: torch.Tensor, ignore_index: int):
+    """Raises for class indices out of range. Returns None when nothing was read, else
+    whether every index is in ``[0, C)`` and none is ``ignore_index`` (the torch path then
+    skips its per-row masks). Reads the values of CPU tensors only (on CUDA it would
+    synchronise; the kernels mark such rows NaN and read nothing out of bounds instead)."""
     if logits.device.type == "cpu" and not target.is_floating_point():
-        check_target_range(target, logits.shape[-1], ignore_index)
+        return check_target_range(target, logits.shape[-1], ignore_index)
+    return None
 
 
 def _row_scale(scale: torch.Tensor, kernels) -> torch.Tensor:
@@ -89,7 +92,14 @@ def softmax_xent(
     return _torch_softmax_xent(logits, target, ignore_index, label_smoothing, compute_score)
 
 
-def _torch_softmax_xent(logits, target, ignore_index, label_smoothing, compute_score):
+def _torch_softmax_xent(
+    logits, target, ignore_index, label_smoothing, compute_score, clean: bool | None = None
+):
+    if compute_score and clean is not None and not label_smoothing and logits.shape[-1]:
+        # class indices checked on the CPU: torch's cross-entropy and the few-op score
+        return reference.cross_entropy_score_rows(
+            logits, target, ignore_index=ignore_index, clean=clean
+        )
     if not compute_score:
         loss = reference.cross_entropy_rows(
             logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing
@@ -103,10 +113,12 @@ def _torch_softmax_xent(logits, target, ignore_index, label_smoothing, compute_s
 
 @softmax_xent.register_kernel(("cpu", "cuda"))
 def _softmax_xent_kernel(logits, target, ignore_index, label_smoothing, compute_score):
-    _check_values(logits, target, ignore_index)
+    clean = _check_values(logits, target, ignore_index)
     kernels = _kernels(logits)
     if kernels is None:
-        return _torch_softmax_xent(logits, target, ignore_index, label_smoothing, compute_score)
+        return _torch_softmax_xent(
+            logits, target, ignore_index, label_smoothing, compute_score, clean
+        )
     loss, score = kernels.softmax_xent(
         logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing
     )
@@ -284,7 +296,12 @@ class _SoftmaxXent(torch.autograd.Function):
 
 
 def softmax_xent_autograd(
-    logits, target, ignore_index: int, label_smoothing: float, compute_score: bool
+    logits,
+    target,
+    ignore_index: int,
+    label_smoothing: float,
+    compute_score: bool,
+    clean: bool | None = None,
 ):
     """``softmax_xent`` with its gradient: the op under ``torch.compile`` (and on devices and
     backends other than the CPU's torch path, the same formula through ``_SoftmaxXent``);
@@ -295,7 +312,9 @@ def softmax_xent_autograd(
     times cheaper than any composition (fwd + bwd at 128 x 10: 94 against 490 us
     measured), which small models feel in every step. Its double backward and forward AD
     are torch's; ``reference.cross_entropy_rows`` adds fastis's rules for ``+inf`` logits
-    and ignored rows."""
+    and ignored rows, and ``reference.score_rows`` gives the score of class indices in a
+    few ops. ``clean``: what ``_check_values`` returned, when the caller has checked the
+    targets already (None: checked here)."""
     if torch.compiler.is_compiling():
         return softmax_xent(logits, target, ignore_index, label_smoothing, compute_score)
     eager_cpu = (
@@ -307,9 +326,19 @@ def softmax_xent_autograd(
     )
     if not eager_cpu:
         return _SoftmaxXent.apply(logits, target, ignore_index, label_smoothing, compute_score)
-    _check_values(logits, target, ignore_index)
+    if clean is None:
+        clean = _check_values(logits, target, ignore_index)
+    if compute_score and not label_smoothing and clean is not None:
+        # checked class indices (out of range raised): one log_softmax for both
+        return reference.cross_entropy_score_rows(
+            logits, target, ignore_index=ignore_index, clean=clean
+        )
     loss = reference.cross_entropy_rows(
-        logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing
+        logits,
+        target,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        clean=bool(clean),
     )
     if not compute_score:
         return loss, loss.new_empty(0)
@@ -339,8 +368,13 @@ def softmax_xent_(
     return _torch_softmax_xent_(logits, target, ignore_index, label_smoothing, grad_scale)
 
 
-def _torch_softmax_xent_(logits, target, ignore_index, label_smoothing, grad_scale):
-    loss, score, grad = reference.softmax_xent(
+def _torch_softmax_xent_(
+    logits, target, ignore_index, label_smoothing, grad_scale, clean: bool | None = None
+):
+    score = None
+    if clean is not None and not label_smoothing and logits.shape[-1]:  # fastis.score's
+        score = reference.score_rows(logits, target, ignore_index=ignore_index, clean=clean)
+    loss, first_score, grad = reference.softmax_xent(
         logits,
         target,
         ignore_index=ignore_index,
@@ -349,15 +383,17 @@ def _torch_softmax_xent_(logits, target, ignore_index, label_smoothing, grad_sca
         grad_scale=grad_scale,
     )
     logits.copy_(grad)
-    return loss, score
+    return loss, first_score if score is None else score
 
 
 @softmax_xent_.register_kernel(("cpu", "cuda"))
 def _(logits, target, ignore_index, label_smoothing, grad_scale):
-    _check_values(logits, target, ignore_index)
+    clean = _check_values(logits, target, ignore_index)
     kernels = _kernels(logits)
     if kernels is None:
-        return _torch_softmax_xent_(logits, target, ignore_index, label_smoothing, grad_scale)
+        return _torch_softmax_xent_(
+            logits, target, ignore_index, label_smoothing, grad_scale, clean
+        )
     return kernels.softmax_xent(
         logits,
         target,
@@ -465,8 +501,15 @@ def count_rows(target: torch.Tensor, logits: torch.Tensor, ignore_index: int) ->
     return (target != ignore_index).sum().to(dtype)
 
 
-def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    """Raises for class indices outside ``[0, C)`` other than ``ignore_index``."""
+def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> bool:
+    """Raises for class indices outside ``[0, C)`` other than ``ignore_index``; returns
+    True when every index is in ``[0, C)`` and none is ``ignore_index`` ("clean")."""
+    if target.numel() == 0:
+        return True
+    # one reduction and one read in the common case; the exact rule only when it fails
+    lo, hi = _min_max(target)
+    if 0 <= lo and hi < num_classes:
+        return not lo <= ignore_index <= hi
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bad.any():
         value = target[bad][0].item()
@@ -474,3 +517,10 @@ def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int
             f"target contains class index {value}, outside [0, {num_classes}) "
             f"and not ignore_index={ignore_index}"
         )
+    return False
+
+
+def _min_max(t: torch.Tensor) -> tuple:
+    """``(min, max)`` of a non-empty CPU tensor as Python numbers (one op, one read)."""
+    lo, hi = torch.aminmax(t)
+    return lo.item(), hi.item()

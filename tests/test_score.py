@@ -435,3 +435,31 @@ def test_uint8_targets(backend, device):
 def test_bad_options(kwargs, error, match):
     with pytest.raises(error, match=match):
         fastis.score(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), **kwargs)
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 0, 4])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_few_op_score_matches_one_pass_formula(ignore_index, dtype):
+    # the CPU step's score (reference.score_rows) against the one-pass formula of
+    # reference.softmax_xent, with ignored, out-of-range and non-finite rows
+    g = torch.Generator().manual_seed(3 + ignore_index)
+    logits = torch.randn(40, 10, generator=g, dtype=torch.float64) * 5
+    target = torch.randint(0, 10, (40,), generator=g)
+    logits[torch.arange(6, 12), target[6:12]] += torch.tensor([20.0, 40.0, 60.0, 80, 5, 1])
+    logits[1, 3], logits[2], logits[3, 0] = float("inf"), float("-inf"), float("nan")
+    target[::9] = ignore_index
+    target[13], target[14] = 10, -3  # out of range: NaN
+    logits = logits.to(dtype)
+    _, expected, _ = reference.softmax_xent(logits, target, ignore_index=ignore_index)
+    got = reference.score_rows(logits, target, ignore_index=ignore_index)
+    assert got.dtype == expected.dtype
+    assert got[13:15].isnan().all() and (got[::9] == 0).all()
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=0, equal_nan=True)
+    # 'clean' (no ignored or out-of-range rows) skips the masks and changes nothing else
+    # (up to the rounding of reductions vectorised over another number of rows)
+    keep = (target >= 0) & (target < 10) & (target != ignore_index)
+    clean = reference.score_rows(logits[keep], target[keep], ignore_index=ignore_index, clean=True)
+    torch.testing.assert_close(
+        clean, got[keep], rtol=4 * torch.finfo(dtype).eps, atol=0, equal_nan=True
+    )
