@@ -56,7 +56,8 @@ class HistorySampler(BatchStream):
     rebuilt every ``rebuild_every`` (``k``) batches; ``select`` returns the weights
     ``w_i = 1 / (N p_i) <= 1 / uniform_mix``, so the weighted batch is unbiased for the
     shard's mean gradient whatever the scores. An example never scored counts at the
-    current maximum score (1 before any score): it is among the likeliest to be drawn.
+    current maximum score (1 before any score): it is among the likeliest to be drawn
+    (in the stable mode below, at the mean score instead).
     Invalid scores (NaN, inf, negative) leave that example's history unchanged and are
     counted (``stats()['invalid_scores']``).
 
@@ -79,6 +80,32 @@ class HistorySampler(BatchStream):
     (``DistributedSampler``'s count with ``drop_last=False``); ``set_epoch`` is accepted and
     ignored (the stream continues across epochs).
 
+    Stable mode (``max_staleness = L``): a score more than ``L`` steps old at a draw is
+    stale for that draw's table, and every example without a fresh score (stale, or never
+    scored) counts at the mean ``m`` of the fresh scores. (Age: the steps taken since the
+    update that recorded the score, ``d - t`` at draw ``d``, the batch of step ``d + 1``,
+    for a score of step ``t``; the table of draws ``jk .. jk + k - 1`` keeps the scores
+    with ``t >= (j + 1) k - 1 - L``, so ``L >= 2k - 1`` is required, as a table lags one
+    period.) Why: with ``g_i`` the per-example gradients and ``gbar`` their mean, the
+    estimate ``(1/b) sum_r w_r g_r`` is unbiased for any ``p > 0`` (``E[w g] = sum_i p_i
+    g_i / (N p_i) = gbar``), so staleness costs variance only, through
+
+        ``Var = (1/b) ((1/N^2) sum_i |g_i|^2 / p_i - |gbar|^2)``.
+
+    A stale score may have fallen far below the example's gradient norm, and its term
+    ``|g_i|^2 / p_i`` is then up to ``1 / a`` times what uniform sampling pays for it.
+    Pulled to the mean, the scores sum to ``N m``, so an example without a fresh score has
+    ``p_i = (1 - a) / N + a / N = 1 / N`` and weight 1: the stale examples cost
+    exactly what uniform sampling costs for them (``sum_stale |g_i|^2 / N``), whatever
+    their gradients have become, while the fresh scores (at most ``L`` steps old) keep
+    their ratios ``p_i = ((1 - a) s_i / m + a) / N`` and steer the rest. (Counting them at
+    the maximum instead, as unscored examples are without the bound, bounds their weights
+    by 1 too, but takes probability from the fresh high scores; keeping the old score
+    bounds nothing.) A stale example is drawn at the uniform rate, and then refreshed by
+    that step's training forward: no extra forward pass. Over ``P`` passes the bound is
+    ``L = P * len(sampler)``. ``stats()['stale_fraction']`` is the share of examples the
+    current table counts as stale.
+
     Distributed: rank ``r`` owns the fixed shard ``{i : i % num_replicas == r}`` (padded as
     ``DistributedSampler``), its history and its generator; there is no collective.
 
@@ -89,6 +116,8 @@ class HistorySampler(BatchStream):
         rebuild_every: ``k``, batches between table rebuilds (default 10). A rebuild is
             O(N) (about 3 ms for N = 5e4 on one CPU core, measured) plus, for a history on
             a GPU, the table's copy to the CPU (20 bytes per example).
+        max_staleness: ``L`` steps, at least ``2 k - 1``: the stable mode above (default
+            None: scores never expire).
         seed, num_replicas, rank: as ``ImportanceSampler`` (the draws use a per-rank seed
             hashed from the full seed).
 
@@ -108,6 +137,7 @@ class HistorySampler(BatchStream):
         *,
         uniform_mix: float = 0.1,
         rebuild_every: int = 10,
+        max_staleness: int | None = None,
         seed: int | None = None,
         num_replicas: int | None = None,
         rank: int | None = None,
@@ -116,6 +146,15 @@ class HistorySampler(BatchStream):
         if not 0.0 < self.uniform_mix <= 1.0:
             raise ValueError(f"uniform_mix must be in (0, 1], got {self.uniform_mix}")
         self.rebuild_every = int_arg("rebuild_every", rebuild_every)
+        self.max_staleness = None
+        if max_staleness is not None:
+            self.max_staleness = int_arg("max_staleness", max_staleness, minimum=0)
+            if self.max_staleness < 2 * self.rebuild_every - 1:
+                raise ValueError(
+                    f"max_staleness must be >= 2 * rebuild_every - 1 = "
+                    f"{2 * self.rebuild_every - 1} (a table lags one period of "
+                    f"rebuild_every={self.rebuild_every} steps), got {self.max_staleness}"
+                )
         super().__init__(
             data_source,
             batch_size,
@@ -128,7 +167,7 @@ class HistorySampler(BatchStream):
         # the shard: positions 0..n-1 stand for data set indices shard[pos]
         self._shard = (torch.arange(n) * self.num_replicas + self.rank) % self.num_samples
         self._gen = torch.Generator().manual_seed(derive_seed(self.seed, _DRAWS, self.rank))
-        self._history = ScoreHistory(n, self.uniform_mix)
+        self._history = ScoreHistory(n, self.uniform_mix, self.max_staleness is not None)
         self._table: AliasTable | None = None
         self._local: torch.Tensor | None = None  # positions of the batch last selected
         self._draws = 0
@@ -146,8 +185,12 @@ class HistorySampler(BatchStream):
     # -- the table ------------------------------------------------------------------------
 
     def _rebuild(self) -> None:
-        j = self._draws // self.rebuild_every
-        p = self._history.probabilities(None if j <= 1 else j)  # tables 0, 1: no update yet
+        k = self.rebuild_every
+        j = self._draws // k
+        # stable mode: keep the scores of steps t with (j + 1) k - 1 - t <= L, the last
+        # draw this table serves
+        fresh_from = None if self.max_staleness is None else (j + 1) * k - 1 - self.max_staleness
+        p = self._history.probabilities(None if j <= 1 else j, fresh_from)  # tables 0, 1: uniform
         self._table = AliasTable(p).to("cpu")  # one synchronisation on CUDA
         self.tau = float(compute_tau(self._table.probs))
         self.rebuilds += 1
@@ -194,7 +237,7 @@ class HistorySampler(BatchStream):
     def update(self, scores: torch.Tensor) -> None:
         """Stores the training batch's scores (``[b]``) as its examples' history."""
         s = self._take_update(scores).float()
-        self._history.record(self._local, s)
+        self._history.record(self._local, s, self.steps)
         # the history after m updates builds the tables of draws (m / k + 1) k and on
         m, k = self.steps, self.rebuild_every
         if m % k == 0 and self._draws <= (m // k + 1) * k:
@@ -209,10 +252,12 @@ class HistorySampler(BatchStream):
     def stats(self) -> dict:
         """Plain values to log (one synchronisation): ``steps``, ``rebuilds``, ``tau`` (of
         the current table; 1 = uniform), ``mean_weight``, ``max_weight``,
-        ``seen_fraction`` (examples with a score), ``invalid_scores``,
+        ``seen_fraction`` (examples with a score), ``stale_fraction`` (examples the current
+        table counts as stale; 0 without ``max_staleness``), ``invalid_scores``,
         ``missing_updates``."""
-        seen, invalid = torch.stack(
-            [self._history.seen_fraction().cpu(), self._history.invalid.cpu()]
+        h = self._history
+        seen, invalid, stale = torch.stack(
+            [h.seen_fraction().cpu(), h.invalid.cpu(), h.stale.cpu()]
         ).tolist()
         return {
             "steps": self.steps,
@@ -223,6 +268,7 @@ class HistorySampler(BatchStream):
             else float("nan"),
             "max_weight": self._weight_max,
             "seen_fraction": seen,
+            "stale_fraction": stale,
             "invalid_scores": int(invalid),
             "missing_updates": self.missing_updates,
         }
@@ -231,6 +277,7 @@ class HistorySampler(BatchStream):
         return (
             f"HistorySampler(num_samples={self.num_samples}, batch_size={self.batch_size}"
             f", uniform_mix={self.uniform_mix}, rebuild_every={self.rebuild_every}, "
+            f"max_staleness={self.max_staleness}, "
             f"num_replicas={self.num_replicas}, rank={self.rank})"
         )
 
@@ -259,6 +306,7 @@ class HistorySampler(BatchStream):
             "batch_size": self.batch_size,
             "uniform_mix": self.uniform_mix,
             "rebuild_every": self.rebuild_every,
+            "max_staleness": self.max_staleness,  # None matches states saved without it
             "seed": self.seed,
             "num_replicas": self.num_replicas,
             "rank": self.rank,
@@ -266,8 +314,9 @@ class HistorySampler(BatchStream):
 
     def state_dict(self) -> dict:
         """The configuration, the history and the snapshots the next tables are built from
-        (CPU copies), the current table, the generator's state, the counters and the
-        batches yielded but not yet selected. Format version 2."""
+        (CPU copies; with ``max_staleness``, the step of each score too), the current
+        table, the generator's state, the counters and the batches yielded but not yet
+        selected. Format version 2."""
         return {
             "kind": type(self).__name__,
             "version": STATE_VERSION,
@@ -295,7 +344,11 @@ class HistorySampler(BatchStream):
             state_dict, type(self).__name__, STATE_VERSION, self._STATE_KEYS, self._config()
         )
         st = state_dict
-        history = self._history.parse_state(st)
+        if self.max_staleness is not None:  # after the configuration: its error is clearer
+            missing = sorted({"stamps", "stale"} - set(st))
+            if missing:
+                raise ValueError(f"state_dict is missing {missing} (max_staleness is set)")
+        history = self._history.parse_state(st, state_int(st, "steps"))
         draws = state_int(st, "draws")
         table = table_from_state(st["table"], self.shard_size)
         if table is None and draws:
