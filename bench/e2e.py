@@ -4,6 +4,8 @@
     python -m bench.e2e --schedule constant paper-step cosine     # one table per schedule
     python -m bench.e2e --sweep 0.02 0.05 0.1 0.2 --budget 20     # per-method learning rates
     python -m bench.e2e --sweep 0.05 0.1 0.2 --seeds 0 --compare-seeds 1 2 3   # then compare
+    python -m bench.e2e --workload tabular-mlp --sweep 0.02 0.05 0.1 --seeds 0  # other nets
+    python -m bench.e2e --workload wide-cnn --step-times 10       # ms per step, two modes
     python -m bench.e2e --cifar ~/data/cifar-10-batches-py --device cuda --budget 300
 
 Every run trains for the same budget of its own training time (evaluations excluded).
@@ -15,7 +17,19 @@ whole grid of methods and rates) train in one process in alternating slices of
 ``bench/results/e2e_<name>.md`` (mean and spread over the seeds of the final training
 loss, test error, steps and speed-up over uniform sampling) and the raw records as
 ``.json``; ``--sweep`` writes ``e2e_lr_sweep_<name>.md`` and flags a best rate at an edge
-of the grid (extend the grid there). CIFAR-10 runs use ``bench/cifar10.py`` (ResNet-18).
+of the grid (the best is trusted only strictly inside it). The comparison table gives,
+per method, the mean ± standard deviation over the seeds, and two paired ratios against
+uniform sampling of the same seed (``fastis.demo.report.summarise``), each as a geometric
+mean and the range over the seeds: the final training loss over uniform's, and the speed-up
+(> 1: reaches uniform's final loss sooner; < 1: uniform reached the method's final loss
+sooner), so that no seed drops out of either.
+
+``--workload`` picks the network and data (``fastis.demo.config.WORKLOADS``): ``demo``,
+the demo's CNN on MNIST-1D (results ``e2e_mnist1d_<device>...``); ``wide-cnn``, a wider,
+deeper CNN on MNIST-1D whose step is compute-bound; ``tabular-mlp``, an MLP on a generated
+table (results ``e2e_<workload>_<device>...``). ``--step-times S`` times a uniform step and
+an importance step (importance sampling forced on) instead, interleaved, S seconds each.
+CIFAR-10 runs use ``bench/cifar10.py`` (ResNet-18).
 """
 
 import argparse
@@ -29,10 +43,10 @@ import torch
 from bench import cifar10
 from bench._timing import pin_glibc_malloc
 from fastis.demo import data as demo_data
-from fastis.demo import report
-from fastis.demo.config import BASELINES, DEFAULT_LR, METHODS, SCHEDULES, RunConfig
+from fastis.demo import models, report
+from fastis.demo.config import BASELINES, METHODS, SCHEDULES, WORKLOADS, RunConfig, default_lr
 from fastis.demo.interleave import intra_op_threads, run_interleaved
-from fastis.demo.train import run
+from fastis.demo.train import Trainer, run
 
 # the default comparison: the demo's first methods and the peers (the opt-in variants of
 # Algorithm 1, fastis.demo.config.VARIANTS, on request with --methods)
@@ -50,15 +64,26 @@ def mean_spread(values):
     )
 
 
-def config(args, method, lr, seed):
+def ratio_summary(values):
+    """Paired ratios over seeds: the geometric mean and the range, non-finite ones counted."""
+    finite = [v for v in values if math.isfinite(v) and v > 0]
+    if not finite:
+        return "n/a"
+    text = f"{geometric_mean(finite):.3g} [{min(finite):.3g}, {max(finite):.3g}]"
+    missing = len(values) - len(finite)
+    return text + (f" ({missing} n/a)" if missing else "")
+
+
+def config(args, method, lr, seed, budget=None):
     return RunConfig(
         method=method,
-        budget=args.budget,
+        budget=args.budget if budget is None else budget,
         lr=lr,
         seed=seed,
         device=args.device,
         schedule=args.schedule,
         evals=args.evals,
+        workload=args.workload,
     )
 
 
@@ -114,24 +139,31 @@ def _header(args, title):
 
 
 def write_compare(path, args, records, lrs, seeds=None):
+    edges = getattr(args, "sweep_edges", {})
     lines = _header(args, "End-to-end") + [
         f"Budget {args.budget:g} s of training per run, {args.schedule} schedule, seeds "
         f"{seeds or args.seeds}; data {args.data_desc}; {timing_desc(args)}. Mean ± "
-        "standard deviation over the seeds. Speed-up: uniform's time to reach its final "
-        "training loss over the method's (averaged over the seeds where the method reached "
-        "it).",
+        "standard deviation over the seeds. Paired with uniform sampling of the same seed, "
+        "each as the geometric mean [min, max] over the seeds: loss / uniform, the final "
+        "training loss over uniform's; speed-up, uniform's time to reach its final training "
+        "loss over the method's when the method reaches it, else uniform's time to reach "
+        "the method's final loss over the method's (< 1), the times interpolated between "
+        f"the {args.evals} evaluations in log loss; n/a: a diverged run.",
         "",
-        "| method | lr | train loss | test error | steps | IS steps | ms/step | speed-up |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | lr | train loss | loss / uniform | test error | steps | IS steps | "
+        "ms/step | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for m, rows in records.items():
+        edge = " (grid edge)" if edges.get(m, "inside") != "inside" else ""
         lines.append(
-            f"| {m} | {lrs[m]:g} | {mean_spread([r['train_loss'] for r in rows])} | "
+            f"| {m} | {lrs[m]:g}{edge} | {mean_spread([r['train_loss'] for r in rows])} | "
+            f"{ratio_summary([r.get('loss_ratio', math.nan) for r in rows])} | "
             f"{mean_spread([100 * r['test_error'] for r in rows])} % | "
             f"{mean_spread([r['steps'] for r in rows])} | "
             f"{mean_spread([100 * r['importance_share'] for r in rows])} % | "
             f"{mean_spread([r['ms_per_step'] for r in rows])} | "
-            f"{mean_spread([r.get('speedup', float('nan')) for r in rows])} |"
+            f"{ratio_summary([r.get('speedup', math.nan) for r in rows])} |"
         )
     path.write_text("\n".join(lines) + "\n")
     path.with_suffix(".json").write_text(
@@ -153,10 +185,25 @@ def geometric_mean(values):
     return math.exp(statistics.fmean(math.log(max(v, 1e-30)) for v in values))
 
 
+def grid_position(grid, geo, best):
+    """Where ``best`` lies in the sorted ``grid`` of rates, given ``{rate: loss}``:
+    ``'inside'`` (strictly: a rate on each side), ``'lower edge'`` / ``'upper edge'``
+    (extend the grid that way), ``'one rate'`` or ``'all diverged'``."""
+    if not math.isfinite(geo[best]):
+        return "all diverged"
+    if len(grid) == 1:
+        return "one rate"
+    if best == grid[0]:
+        return "lower edge"
+    if best == grid[-1]:
+        return "upper edge"
+    return "inside"
+
+
 def sweep(args, data, model_fn):
     """Each method at each rate of ``--sweep``; a seed's whole grid interleaved. Returns
     ``{method: best rate}`` (the lowest geometric mean of the final training loss)."""
-    grid = sorted(args.sweep)
+    grid = sorted(set(args.sweep))
     results = {m: {lr: [] for lr in grid} for m in args.methods}
     for seed in args.seeds:
         pairs = [(m, lr) for lr in grid for m in args.methods]
@@ -168,22 +215,29 @@ def sweep(args, data, model_fn):
     lines = _header(args, "Learning-rate sweep") + [
         f"Final training loss (geometric mean over seeds {args.seeds}) after "
         f"{args.budget:g} s, {args.schedule} schedule; data {args.data_desc}; "
-        f"{timing_desc(args)}. A best rate at an edge of the grid is flagged: extend the "
-        "grid there before trusting it.",
+        f"{timing_desc(args)}. The best rate is trusted only strictly inside the grid; "
+        "one at an edge is flagged: extend the grid there.",
         "",
-        "| method | " + " | ".join(f"lr {lr:g}" for lr in grid) + " | best |",
-        "|---|" + "---|" * (len(grid) + 1),
+        "| method | " + " | ".join(f"lr {lr:g}" for lr in grid) + " | best | where |",
+        "|---|" + "---|" * (len(grid) + 2),
     ]
-    best = {}
+    best, args.sweep_edges = {}, {}
     for m, by_lr in results.items():
         geo = {lr: geometric_mean(vals) for lr, vals in by_lr.items()}
         best[m] = min(geo, key=geo.get)
-        edge = len(grid) > 1 and best[m] in (grid[0], grid[-1])
+        where = args.sweep_edges[m] = grid_position(grid, geo, best[m])
+        flag = "inside" if where == "inside" else f"**{where}**"
         lines.append(
-            f"| {m} | "
-            + " | ".join(f"{geo[lr]:.3e}" for lr in grid)
-            + f" | {best[m]:g}{' (edge)' if edge else ''} |"
+            f"| {m} | " + " | ".join(f"{geo[lr]:.3e}" for lr in grid) + f" | {best[m]:g} | {flag} |"
         )
+    inside = [m for m, w in args.sweep_edges.items() if w == "inside"]
+    edge = [f"{m} ({w})" for m, w in args.sweep_edges.items() if w != "inside"]
+    verdict = f"Best rate strictly inside the grid: {', '.join(inside) or 'none'}."
+    if edge:
+        verdict += f" Not inside (extend the grid there): {', '.join(edge)}."
+    lines += ["", verdict]
+    if edge:
+        print(f"{args.schedule}: best rate not inside the grid for {', '.join(edge)}", flush=True)
     path = Path(args.out) / f"e2e_lr_sweep_{args.name}.md"
     path.write_text("\n".join(lines) + "\n")
     print(path.read_text())
@@ -207,7 +261,20 @@ def build_parser():
     parser.add_argument("--evals", type=int, default=20)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--num-samples", type=int, default=40_000)
+    parser.add_argument(
+        "--workload",
+        choices=WORKLOADS,
+        default="demo",
+        help="the network and data (default demo: the demo's CNN on MNIST-1D)",
+    )
     parser.add_argument("--cifar", help="a CIFAR-10 python-format directory (ResNet-18)")
+    parser.add_argument(
+        "--step-times",
+        type=float,
+        metavar="SECONDS",
+        help="instead of training to a budget: time uniform and importance steps "
+        "(importance sampling forced on), interleaved, SECONDS of steps each",
+    )
     parser.add_argument("--lr", type=float, nargs="*", help="one rate per method, in order")
     parser.add_argument("--sweep", type=float, nargs="*", help="learning rates to sweep")
     parser.add_argument(
@@ -267,6 +334,12 @@ def check(parser, args):
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     if not (math.isfinite(args.budget) and args.budget > 0):
         parser.error(f"--budget must be finite and > 0, got {args.budget}")
+    if args.cifar and args.workload != "demo":
+        parser.error(f"--cifar trains its own ResNet-18; drop --workload {args.workload}")
+    if args.step_times is not None and not (math.isfinite(args.step_times) and args.step_times > 0):
+        parser.error(f"--step-times must be finite and > 0, got {args.step_times}")
+    if args.step_times is not None and (args.sweep or args.lr):
+        parser.error("--step-times times the default rates; drop --sweep and --lr")
 
 
 def main(argv=None):
@@ -287,17 +360,97 @@ def benchmark(args):
         model_fn = cifar10.ResNet18
         args.data_desc = f"CIFAR-10 from {args.cifar}, ResNet-18"
     else:
-        data = demo_data.mnist1d(args.num_samples)
-        model_fn = None
-        args.data_desc = f"MNIST-1D, {args.num_samples} examples, the demo's 1-D CNN"
+        data = demo_data.load(args.workload, args.num_samples)
+        model_fn = None  # each run's Trainer builds fastis.demo.models.build(workload)
+        args.data_desc = workload_desc(args.workload, args.num_samples)
     data = tuple(t.to(device) for t in data)
     schedules, named, out = args.schedule, args.name, {}
-    base = named or ("cifar10" if args.cifar else "mnist1d") + f"_{device.type}"
+    data_name = {"demo": "mnist1d"}.get(args.workload, args.workload)
+    base = named or ("cifar10" if args.cifar else data_name) + f"_{device.type}"
+    if args.step_times is not None:
+        args.schedule, args.name = schedules[0], base
+        return step_times(args, data, model_fn)
     for schedule in schedules:
         exact = named is not None and len(schedules) == 1
         args.schedule, args.name = schedule, base if exact else f"{base}_{schedule}"
         out[schedule] = run_schedule(args, data, model_fn)
     return out[schedules[0]] if len(schedules) == 1 else out
+
+
+def workload_desc(workload, num_samples):
+    """A line for the results files: the data and the network, with its parameter count."""
+    params = sum(p.numel() for p in models.build(workload).parameters())
+    if workload == "tabular-mlp":
+        return (
+            f"the generated table (fastis.demo.data.tabular), {num_samples} rows, "
+            f"{demo_data.TABULAR_FEATURES} features, {demo_data.TABULAR_CLASSES} "
+            f"imbalanced classes, {demo_data.TABULAR_LABEL_NOISE:.0%} label noise; an MLP "
+            f"(fastis.demo.models.TabularMLP, {params} parameters)"
+        )
+    net = "the demo's 1-D CNN" if workload == "demo" else "the wide 1-D CNN (WideCNN1D)"
+    return f"MNIST-1D, {num_samples} examples, {net}, {params} parameters"
+
+
+def step_times(args, data, model_fn):
+    """Milliseconds per training step of uniform sampling and of Algorithm 1 with
+    importance sampling on at every step (``tau_th = -1``: a presample forward of ``B``,
+    then a step of ``b``), in alternating slices of ``--slice`` seconds, ``--step-times``
+    seconds of steps each after ``--warmup`` untimed ones, the first seed.
+
+    Each step is timed twice: in CPU seconds of the training thread (``time.thread_time``,
+    the trainers' clock: with one intra-op thread all of a step's work, and the time that
+    other processes take from it is not counted, so it holds on a loaded machine), and
+    in wall seconds. Returns ``{mode: CPU ms per step}``; writes
+    ``e2e_step_times_<name>.md``."""
+    if torch.get_num_threads() != 1:
+        print("--step-times: CPU time counts the calling thread only; use --threads 1")
+    seed = args.seeds[0]
+    modes = {"uniform": "uniform", "importance (IS every step)": "upper-bound"}
+    trainers, wall = {}, dict.fromkeys(modes, 0.0)
+    for mode, method in modes.items():
+        lr = default_lr(args.workload, args.schedule, method)
+        cfg = config(args, method, lr, seed, budget=args.step_times)
+        t = trainers[mode] = Trainer(
+            cfg, data, model_fn=model_fn, clock=time.thread_time, curve=False
+        )
+        if method != "uniform":
+            t.method.sampler.tau_th = -1.0  # tau >= 0 > tau_th: importance steps only
+        for _ in range(args.warmup):
+            t.step()
+    start = {mode: (t.clock.total, t.steps) for mode, t in trainers.items()}
+
+    def trained(mode):
+        return trainers[mode].clock.total - start[mode][0]
+
+    while any(trained(mode) < args.step_times for mode in trainers):
+        for mode, t in trainers.items():
+            until = min(trained(mode) + args.slice, args.step_times)
+            while trained(mode) < until:
+                began = time.perf_counter()
+                t.step()
+                wall[mode] += time.perf_counter() - began
+    steps = {mode: t.steps - start[mode][1] for mode, t in trainers.items()}
+    ms = {mode: 1e3 * trained(mode) / steps[mode] for mode in trainers}
+    lines = _header(args, "Step times") + [
+        f"Data {args.data_desc}; b = {RunConfig.batch_size}, B = {RunConfig.presample_size}; "
+        f"{args.step_times:g} s of CPU time of steps per mode after {args.warmup} untimed, "
+        f"interleaved in {args.slice:g} s slices, {torch.get_num_threads()} intra-op "
+        f"thread(s), seed {seed}. CPU: the training thread's CPU time per step; wall: the "
+        "wall-clock time per step (includes the time other processes took).",
+        "",
+        "| mode | steps | CPU ms/step | / uniform | wall ms/step | / uniform |",
+        "|---|---|---|---|---|---|",
+    ]
+    wall_ms = {mode: 1e3 * wall[mode] / steps[mode] for mode in trainers}
+    for mode in trainers:
+        lines.append(
+            f"| {mode} | {steps[mode]} | {ms[mode]:.2f} | {ms[mode] / ms['uniform']:.2f} | "
+            f"{wall_ms[mode]:.2f} | {wall_ms[mode] / wall_ms['uniform']:.2f} |"
+        )
+    path = Path(args.out) / f"e2e_step_times_{args.name}.md"
+    path.write_text("\n".join(lines) + "\n")
+    print(path.read_text())
+    return ms
 
 
 def run_schedule(args, data, model_fn):
@@ -314,7 +467,7 @@ def run_schedule(args, data, model_fn):
     lrs = (
         dict(zip(args.methods, args.lr, strict=True))
         if args.lr
-        else {m: DEFAULT_LR[args.schedule][m] for m in args.methods}
+        else {m: default_lr(args.workload, args.schedule, m) for m in args.methods}
     )
     records = compare(args, data, model_fn, lrs)
     write_compare(Path(args.out) / f"e2e_{args.name}.md", args, records, lrs)

@@ -1,5 +1,6 @@
 """The end-to-end benchmark: a smoke run of both modes, and its CIFAR-10 setting."""
 
+import math
 import pickle
 
 import numpy as np
@@ -89,9 +90,12 @@ def test_e2e_schedules_sequential_and_sweep_then_compare(tmp_path, monkeypatch):
     assert set(records) == {"uniform", "upper-bound-measured"}
     assert all(len(rows) == 1 for rows in records.values())
     sweep = (tmp_path / "e2e_lr_sweep_grid.md").read_text()
-    assert "(edge)" in sweep and "interleaved in one process, 0.05 s slices" in sweep
+    assert "edge**" in sweep and "interleaved in one process, 0.05 s slices" in sweep
+    assert "Best rate strictly inside the grid: none. Not inside (extend the grid" in sweep
     compared = (tmp_path / "e2e_grid.md").read_text()
     assert "seeds [1]" in compared and "1 intra-op thread(s)" in compared
+    # the rates came from an edge of a two-rate grid: the comparison says so
+    assert compared.count(" (grid edge) |") == 2
 
 
 @pytest.mark.parametrize(
@@ -105,6 +109,10 @@ def test_e2e_schedules_sequential_and_sweep_then_compare(tmp_path, monkeypatch):
         (["--compare-seeds", "3"], "--compare-seeds needs --sweep"),
         (["--sweep", "0.1", "--lr", *["0.1"] * 6], "--lr and --sweep exclude each other"),
         (["--schedule", "linear"], "invalid choice"),
+        (["--workload", "resnet"], "invalid choice"),
+        (["--cifar", "x", "--workload", "wide-cnn"], "--cifar trains its own ResNet-18"),
+        (["--step-times", "0"], "--step-times must be finite and > 0, got 0.0"),
+        (["--step-times", "1", "--sweep", "0.1"], "--step-times times the default rates"),
     ],
 )
 def test_e2e_refuses_bad_options(argv, message, capsys):
@@ -163,3 +171,63 @@ def test_cifar10_reader_missing_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="missing data_batch_1"):
         cifar10.load(tmp_path / "empty")
+
+
+def test_grid_position_and_ratio_summary():
+    from bench import e2e
+
+    grid = [0.01, 0.1, 1.0]
+    loss = {0.01: 3.0, 0.1: 1.0, 1.0: 2.0}
+    assert e2e.grid_position(grid, loss, 0.1) == "inside"
+    assert e2e.grid_position(grid, loss, 0.01) == "lower edge"
+    assert e2e.grid_position(grid, loss, 1.0) == "upper edge"
+    assert e2e.grid_position([0.1], {0.1: 1.0}, 0.1) == "one rate"
+    assert e2e.grid_position(grid, dict.fromkeys(grid, math.inf), 0.01) == "all diverged"
+    # the geometric mean and the range; a diverged seed counted, not dropped silently
+    assert e2e.ratio_summary([2.0, 8.0]) == "4 [2, 8]"
+    assert e2e.ratio_summary([0.5, math.nan, 2.0]) == "1 [0.5, 2] (1 n/a)"
+    assert e2e.ratio_summary([math.nan]) == "n/a"
+
+
+def test_e2e_tabular_workload_compare_and_sweep(tmp_path):
+    from bench import e2e
+
+    common = ["--workload", "tabular-mlp", "--num-samples", "800", "--evals", "2"]
+    common += ["--out", str(tmp_path), "--methods", "uniform", "upper-bound"]
+    records = e2e.main(
+        common
+        + ["--seeds", "0", "1", "--budget", "0.3", "--slice", "0.1", "--schedule", "constant"]
+    )
+    assert all(len(rows) == 2 for rows in records.values())
+    assert all(r["run"]["config"]["workload"] == "tabular-mlp" for r in records["upper-bound"])
+    text = (tmp_path / "e2e_tabular-mlp_cpu_constant.md").read_text()
+    assert "the generated table (fastis.demo.data.tabular), 800 rows" in text
+    assert "75268 parameters" in text and "| loss / uniform |" in text
+    uniform = next(ln for ln in text.splitlines() if ln.startswith("| uniform |"))
+    assert uniform.count("1 [1, 1]") == 2  # its own loss ratio and speed-up, every seed
+    best = e2e.main(common + ["--seeds", "0", "--budget", "0.15", "--sweep", "0.3", "0.03", "0.1"])
+    assert set(best) == {"uniform", "upper-bound"}
+    sweep = (tmp_path / "e2e_lr_sweep_tabular-mlp_cpu_step.md").read_text()
+    assert "| lr 0.03 | lr 0.1 | lr 0.3 | best | where |" in sweep
+    for m, rate in best.items():
+        where = {0.03: "**lower edge**", 0.1: "inside", 0.3: "**upper edge**"}[rate]
+        assert next(ln for ln in sweep.splitlines() if ln.startswith(f"| {m} |")).endswith(
+            f"| {rate:g} | {where} |"
+        )
+
+
+def test_e2e_step_times_of_the_wide_cnn(tmp_path, monkeypatch):
+    pytest.importorskip("mnist1d")
+    from bench import e2e
+
+    monkeypatch.setenv("FASTIS_CACHE_DIR", str(tmp_path / "cache"))
+    ms = e2e.main(
+        ["--workload", "wide-cnn", "--step-times", "0.2", "--slice", "0.1", "--warmup", "1"]
+        + ["--num-samples", "600", "--out", str(tmp_path), "--seeds", "3"]
+    )
+    assert set(ms) == {"uniform", "importance (IS every step)"}
+    assert all(v > 0 for v in ms.values())
+    text = (tmp_path / "e2e_step_times_wide-cnn_cpu.md").read_text()
+    assert "the wide 1-D CNN (WideCNN1D), 216458 parameters" in text
+    assert "| uniform |" in text and "| 1.00 | " in text and "b = 128, B = 384" in text
+    assert "| mode | steps | CPU ms/step | / uniform | wall ms/step | / uniform |" in text

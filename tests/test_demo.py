@@ -512,7 +512,16 @@ def test_interleaved_runs_start_from_the_same_model_and_match_run_records():
 
 def test_warm_up_leaves_the_runs_as_they_would_be():
     data = _synthetic()
-    cfg = RunConfig(method="upper-bound", budget=1.0, lr=0.05, batch_size=16, presample_size=48)
+    # a constant rate: the step schedule reads the clock, and a slow machine could pass a
+    # decay within the three steps of one run and not the other
+    cfg = RunConfig(
+        method="upper-bound",
+        budget=1.0,
+        lr=0.05,
+        batch_size=16,
+        presample_size=48,
+        schedule="constant",
+    )
 
     def three_steps():
         trainer = train.Trainer(cfg, data, model_fn=lambda: MNIST1DCNN(channels=4))
@@ -563,6 +572,21 @@ def test_variants_construct_and_train(method):
         assert stats["weighted_rows"] <= 5 * 16
 
 
+@pytest.mark.parametrize("method", ["history", "history-stable"])
+def test_history_methods_construct_and_train(method):
+    data = _synthetic()
+    cfg = RunConfig(method=method, budget=1.0, lr=0.05, batch_size=16, evals=1)
+    trainer = train.Trainer(cfg, data, model_fn=lambda: MNIST1DCNN(channels=4))
+    s = trainer.method.sampler
+    assert isinstance(s, fastis.HistorySampler)
+    one_pass = -(-len(data[0]) // 16)
+    expected = max(one_pass, 2 * cfg.history_rebuild_every - 1)
+    assert s.max_staleness == (expected if method == "history-stable" else None)
+    for _ in range(25):
+        assert math.isfinite(float(trainer.step().detach()))
+    assert trainer.result()["sampler"]["steps"] == 25
+
+
 def test_interleaved_runner_refuses_bad_arguments():
     cfg = [RunConfig(method="uniform", budget=0.01, lr=0.1, batch_size=16)]
     data = _synthetic()
@@ -582,3 +606,177 @@ def test_intra_op_threads_are_restored():
     with interleave.intra_op_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+# -- the workloads: data, networks, runs, and the report's paired ratios -----------------
+
+
+def test_tabular_task_is_deterministic_imbalanced_noisy_and_nonlinear():
+    n = 3000
+    x, y, clean = data.tabular_raw(n, seed=7)
+    again = data.tabular_raw(n, seed=7)
+    assert all(torch.equal(a, b) for a, b in zip((x, y, clean), again, strict=True))
+    assert not torch.equal(x, data.tabular_raw(n, seed=8)[0])
+    assert x.shape == (n, data.TABULAR_FEATURES) and x.dtype == torch.float64
+    assert y.dtype == clean.dtype == torch.int64
+    # the clean labels take the documented shares; a few percent are replaced, always
+    # by another class
+    shares = torch.bincount(clean, minlength=data.TABULAR_CLASSES).double() / n
+    torch.testing.assert_close(
+        shares, torch.tensor(data.TABULAR_CLASS_SHARES, dtype=torch.float64), atol=0.01, rtol=0
+    )
+    flipped = (y != clean).double().mean().item()
+    assert abs(flipped - data.TABULAR_LABEL_NOISE) < 0.01  # binomial sd 0.003
+    # raw columns on scales four orders of magnitude apart and more
+    std = x.std(0)
+    assert std.max() / std.min() > 1e4
+    # not linearly separable: least squares on one-hot clean labels (float64, with a
+    # bias column) classifies far fewer rows right than the teacher, which gets them all
+    xs = torch.cat([(x - x.mean(0)) / std, torch.ones(n, 1, dtype=torch.float64)], 1)
+    w = torch.linalg.lstsq(xs, torch.nn.functional.one_hot(clean).double()).solution
+    assert ((xs @ w).argmax(1) == clean).double().mean() < 0.85
+    assert data.tabular_raw(n, seed=7)[1].unique().numel() == data.TABULAR_CLASSES
+
+
+def test_tabular_split_is_standardised_with_the_training_statistics():
+    x, y, x_test, y_test = data.tabular(1000, seed=3)
+    raw, labels, _ = data.tabular_raw(1000, seed=3)
+    assert x.shape == (800, data.TABULAR_FEATURES) and x_test.shape == (200, 32)
+    assert x.dtype == torch.float32 and y.dtype == torch.int64
+    assert torch.equal(torch.cat([y, y_test]), labels)
+    x64 = x.double()
+    torch.testing.assert_close(x64.mean(0), torch.zeros(32, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x64.std(0), torch.ones(32, dtype=torch.float64), atol=1e-5, rtol=0)
+    # the test rows with the training rows' statistics, not their own
+    mean, std = raw[:800].mean(0), raw[:800].std(0)
+    torch.testing.assert_close(x_test.double(), (raw[800:] - mean) / std, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="num_samples must be at least 50, got 20"):
+        data.tabular(20)
+
+
+def test_workloads_load_their_data_and_build_their_networks():
+    from fastis.demo import models
+    from fastis.demo.config import WORKLOADS
+
+    for workload in WORKLOADS:
+        x, y, x_test, y_test = data.load(workload, 500, seed=1)
+        torch.manual_seed(0)
+        model = models.build(workload)
+        logits = model(x[:5])
+        assert logits.shape == (5, int(y.max()) + 1 if workload == "tabular-mlp" else 10)
+        assert len(x) == 400 and len(x_test) == 100
+    assert isinstance(models.build(), MNIST1DCNN)
+    sizes = {w: sum(p.numel() for p in models.build(w).parameters()) for w in WORKLOADS}
+    assert sizes == {"demo": 9610, "wide-cnn": 216458, "tabular-mlp": 75268}
+    # the demo's network is built exactly as before (same draws, same weights)
+    torch.manual_seed(5)
+    a = models.build("demo")
+    torch.manual_seed(5)
+    b = MNIST1DCNN()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    with pytest.raises(ValueError, match="unknown workload 'resnet'"):
+        models.build("resnet")
+    with pytest.raises(ValueError, match="unknown workload 'resnet'"):
+        data.load("resnet", 500)
+
+
+@pytest.mark.parametrize("workload", ["wide-cnn", "tabular-mlp"])
+def test_each_workload_trains_end_to_end(workload):
+    from fastis.demo import models
+
+    x, y, x_test, y_test = data.load(workload, 600, seed=2)
+    cfgs = [
+        RunConfig(
+            method=m,
+            budget=0.3,
+            lr=0.05,
+            batch_size=32,
+            presample_size=96,
+            evals=2,
+            workload=workload,
+            schedule="paper-step",
+        )
+        for m in ("uniform", "upper-bound")
+    ]
+    records = interleave.run_interleaved(
+        cfgs, (x, y, x_test, y_test), slice_seconds=0.1, threads=1, warmup_steps=1
+    )
+    for r in records:
+        assert r["config"]["workload"] == workload and r["steps"] > 0
+        assert r["curve"]["time"][-1] >= 0.3 and math.isfinite(r["final_train_loss"])
+    assert len({r["curve"]["train_loss"][0] for r in records}) == 1  # same initial weights
+    trainer = train.Trainer(cfgs[1], (x, y, x_test, y_test), curve=False)
+    kind = {"wide-cnn": models.WideCNN1D, "tabular-mlp": models.TabularMLP}[workload]
+    assert isinstance(trainer.model, kind)
+    trainer.method.sampler.tau_th = -1.0  # an importance step through the workload's net
+    assert math.isfinite(float(trainer.step().detach()))
+    assert trainer.method.summary()["steps_importance"] == 1
+
+
+def test_default_rates_per_workload():
+    from fastis.demo.config import default_lr
+
+    for schedule in SCHEDULES:
+        for m in DEFAULT_LR[schedule]:
+            assert default_lr("demo", schedule, m) == DEFAULT_LR[schedule][m]
+            for w in ("wide-cnn", "tabular-mlp"):
+                rate = default_lr(w, schedule, m)
+                assert math.isfinite(rate) and rate > 0
+                if m in VARIANTS:
+                    assert rate == default_lr(w, schedule, "upper-bound")
+                if schedule != "constant":  # one rate for the decaying schedules
+                    assert rate == default_lr(w, "paper-step", m)
+    with pytest.raises(ValueError, match="unknown workload 'resnet'"):
+        default_lr("resnet", "step", "uniform")
+    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+        default_lr("wide-cnn", "linear", "uniform")
+
+
+def _curve(times, losses):
+    return {"time": times, "train_loss": losses, "test_error": [0.5] * len(times)}
+
+
+def test_time_to_reach_interpolates_in_log_loss():
+    c = _curve([0.0, 1.0, 2.0, 3.0], [1.0, 0.1, 0.01, 0.02])
+    assert report.time_to_reach(c, 1.0) == 0.0
+    assert report.time_to_reach(c, 0.1) == 1.0
+    # halfway between 0.1 and 0.01 in log loss: halfway in time
+    assert report.time_to_reach(c, 0.1 * 0.1**0.5) == pytest.approx(1.5, abs=1e-12)
+    assert report.time_to_reach(c, 0.03) == pytest.approx(1 + math.log(0.1 / 0.03) / math.log(10))
+    assert report.time_to_reach(c, 0.005) == math.inf
+    assert report.time_to_reach(c, math.nan) == math.inf
+    # after a non-finite loss, or at a zero one, the evaluation's own time
+    assert report.time_to_reach(_curve([0.0, 1.0, 2.0], [math.nan, math.inf, 0.5]), 0.6) == 2.0
+    assert report.time_to_reach(_curve([0.0, 1.0], [1.0, 0.0]), 0.5) == 1.0
+
+
+def test_speedup_is_paired_and_defined_for_slower_methods_too():
+    uniform = _curve([0.0, 1.0, 2.0, 3.0, 4.0], [1.0, 0.5, 0.25, 0.125, 0.0625])
+    # twice as fast (the same curve in half the time, then lower)
+    fast = _curve([0.0, 1.0, 2.0, 3.0, 4.0], [1.0, 0.25, 0.0625, 0.015625, 0.004])
+    assert report.speedup(fast, uniform) == pytest.approx(2.0)
+    # twice as slow: ends at 0.25, which uniform reached at 2 s of its 4
+    slow = _curve([0.0, 1.0, 2.0, 3.0, 4.0], [1.0, 0.5**0.5, 0.5, 0.5**1.5, 0.25])
+    assert report.speedup(slow, uniform) == pytest.approx(0.5)
+    assert report.speedup(uniform, uniform) == 1.0
+    diverged = _curve([0.0, 1.0], [1.0, math.nan])
+    assert math.isnan(report.speedup(diverged, uniform))
+    runs = {
+        name: {
+            "curve": c,
+            "final_train_loss": c["train_loss"][-1],
+            "final_test_error": 0.1,
+            "steps": 10,
+            "steps_importance": 5,
+            "seconds_per_step": 0.4,
+        }
+        for name, c in {"uniform": uniform, "fast": fast, "slow": slow}.items()
+    }
+    rows = {r["method"]: r for r in report.summarise(runs)}
+    assert rows["uniform"]["loss_ratio"] == 1.0 and rows["slow"]["loss_ratio"] == 4.0
+    assert rows["fast"]["loss_ratio"] == pytest.approx(0.004 / 0.0625)
+    assert rows["slow"]["time_to_uniform_loss"] == math.inf
+    assert rows["slow"]["speedup"] == pytest.approx(0.5)
+    assert "| slow |" in report.table(list(rows.values())) and "0.50x" in report.table(
+        list(rows.values())
+    )

@@ -1,4 +1,4 @@
-"""What defines a demo run: the methods, the schedules, their tuned rates, ``RunConfig``."""
+"""What defines a demo run: the workloads, methods, schedules, tuned rates, ``RunConfig``."""
 
 import math
 from dataclasses import dataclass
@@ -14,13 +14,17 @@ VARIANTS = {
     # both of the first two
     "upper-bound-measured-reuse": ("measured", "reuse"),
 }
-METHODS = ("uniform", "upper-bound", "history", "loss", *VARIANTS)
+METHODS = ("uniform", "upper-bound", "history", "history-stable", "loss", *VARIANTS)
 # the peers' rules (fastis.demo.baselines), for the end-to-end benchmark
 BASELINES = ("infobatch", "selective-backprop")
 # 'step': the demo's own, x0.1 at 50% of the budget, x0.01 at 75% (kept as it was tuned);
 # 'paper-step': Katharopoulos & Fleuret's rule, x0.2 at 50%, x0.04 at 80%;
 # 'cosine': lr (1 + cos(pi f)) / 2, to zero at the end; 'constant'.
 SCHEDULES = ("step", "constant", "paper-step", "cosine")
+# the network and data (fastis.demo.models.build, fastis.demo.data.load): 'demo', the 1-D
+# CNN on MNIST-1D; 'wide-cnn', a wider, deeper 1-D CNN on MNIST-1D (compute-bound steps);
+# 'tabular-mlp', an MLP on a generated imbalanced, noisy table
+WORKLOADS = ("demo", "wide-cnn", "tabular-mlp")
 
 # Learning rates per schedule and method (SGD, momentum 0.9, b = 128): each method's best
 # of a small sweep on this project's 2-core CPU machines (bench/results/e2e_lr_sweep_*.md).
@@ -32,6 +36,7 @@ _TUNED = {
         "uniform": 0.1,
         "upper-bound": 0.1,
         "history": 0.05,
+        "history-stable": 0.05,
         "loss": 0.2,
         "infobatch": 0.1,
         "selective-backprop": 0.1,
@@ -40,6 +45,7 @@ _TUNED = {
         "uniform": 0.02,
         "upper-bound": 0.1,
         "history": 0.02,
+        "history-stable": 0.02,
         "loss": 0.1,
         "infobatch": 0.02,
         "selective-backprop": 0.02,
@@ -51,6 +57,38 @@ DEFAULT_LR = {
     schedule: {**rates, **dict.fromkeys(VARIANTS, rates["upper-bound"])}
     for schedule, rates in _TUNED.items()
 }
+
+
+# The other workloads' rates until swept: uniform's and upper-bound's best of a short probe
+# (one seed, 5 s for the MLP, 10 s for the wide CNN, rates 0.01 to 0.5; see
+# bench/results/e2e_workloads_cpu.md), with a constant rate and with the paper's step rule
+# (also used for 'step' and 'cosine'). A starting point for a sweep, not a tuning.
+_PROVISIONAL = {
+    "wide-cnn": {
+        "constant": {"uniform": 0.05, "upper-bound": 0.05},
+        "decayed": {"uniform": 0.05, "upper-bound": 0.05},
+    },
+    "tabular-mlp": {
+        "constant": {"uniform": 0.05, "upper-bound": 0.05},
+        "decayed": {"uniform": 0.05, "upper-bound": 0.2},
+    },
+}
+
+
+def default_lr(workload: str, schedule: str, method: str) -> float:
+    """The rate a run of ``method`` gets unless told: ``DEFAULT_LR`` for the demo; for the
+    other workloads the provisional rate of ``method``'s family (upper-bound's for
+    Algorithm 1, its variants and ``loss``; uniform's for the rest), constant or decayed
+    as ``schedule`` is."""
+    if workload == "demo":
+        return DEFAULT_LR[schedule][method]
+    if workload not in _PROVISIONAL:
+        raise ValueError(f"unknown workload {workload!r}; choose from {WORKLOADS}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose from {SCHEDULES}")
+    rates = _PROVISIONAL[workload]["constant" if schedule == "constant" else "decayed"]
+    family = "upper-bound" if method in ("upper-bound", "loss", *VARIANTS) else "uniform"
+    return rates[family]
 
 
 def schedule_factor(schedule: str, fraction: float) -> float:
@@ -90,10 +128,13 @@ class RunConfig:
     # HistorySampler's uniform share: weights <= 1 / mix. At its default 0.1 (weights up to
     # 10) the stale scores of examples it rarely revisits make SGD diverge on this problem.
     history_uniform_mix: float = 0.5
+    # 'history-stable': steps a score stays fresh (None: one pass over the set, ceil(n / b))
+    history_max_staleness: int | None = None
     # the '-reuse' variants: steps per scored presample, and its size (default 8 b, well
     # above k b, so that the presample's own noise, shared by its k steps, stays small)
     reuse_draws: int = 2
     reuse_presample: int | None = None
+    workload: str = "demo"  # one of WORKLOADS: the network a Trainer builds for the run
 
     def lr_at(self, fraction: float) -> float:
         """The rate after ``fraction`` (0 to 1) of the budget."""

@@ -68,7 +68,8 @@ def run_interleaved(
             methods, or one seed's grid of methods and rates).
         data: ``(x_train, y_train, x_test, y_test)`` on the runs' device, shared by all.
         slice_seconds: training seconds per method per round, finite and > 0.
-        model_fn: builds each model (default: the demo's ``MNIST1DCNN``).
+        model_fn: builds each model (default: ``fastis.demo.models.build`` of each
+            config's ``workload``).
         threads: intra-op threads while training (default: leave torch's setting).
         clock: the wall clock under every training clock (default ``time.perf_counter``).
         progress: called as ``progress(i, seconds_trained, state)`` for run ``i``.

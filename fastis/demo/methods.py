@@ -9,6 +9,9 @@ Every method has ``step(model, x, y, fraction) -> loss`` (a scalar to backpropag
   with the gradient-norm bound ``fastis.score`` while its ``tau`` says it pays.
 - ``history``: ``fastis.HistorySampler``: draws from the whole set by stale scores that the
   training loss returned; no extra forward pass.
+- ``history-stable``: ``HistorySampler(max_staleness=...)`` (one pass over the set by
+  default): a score older than that is replaced by the mean of the fresh ones, so a stale
+  example is drawn at the uniform rate, with weight 1.
 - ``loss``: Algorithm 1 with the per-sample loss as the score (the earlier heuristic; its
   weights keep the gradient unbiased, but the loss is not the gradient norm, so the
   variance it removes is not the one that matters).
@@ -131,7 +134,13 @@ def make_method(
     """
     if cfg.method == "uniform":
         return Uniform(n, cfg)
-    if cfg.method == "history":
+    if cfg.method in ("history", "history-stable"):
+        max_staleness = None
+        if cfg.method == "history-stable":
+            one_pass = -(-n // cfg.batch_size)
+            max_staleness = cfg.history_max_staleness or max(
+                one_pass, 2 * cfg.history_rebuild_every - 1
+            )
         return Sampled(
             fastis.HistorySampler(
                 n,
@@ -139,6 +148,7 @@ def make_method(
                 seed=cfg.seed,
                 rebuild_every=cfg.history_rebuild_every,
                 uniform_mix=cfg.history_uniform_mix,
+                max_staleness=max_staleness,
             ),
             feedback="score",
         )

@@ -9,18 +9,54 @@ import torch
 
 
 def time_to_reach(curve: dict, target: float) -> float:
-    """Training seconds at the first evaluation whose training loss is <= ``target``."""
+    """Training seconds at which the training loss first reaches ``target`` (inf if never).
+
+    Between the last evaluation above ``target`` and the first at or below it, the time is
+    interpolated linearly in the log of the loss (losses fall about exponentially over a
+    stretch), so that the answer does not jump by a whole evaluation interval; at a
+    non-finite or non-positive loss it is the evaluation's own time.
+    """
+    if math.isnan(target):
+        return math.inf  # a NaN target is never reached
+    before = None
     for t, loss in zip(curve["time"], curve["train_loss"], strict=True):
         if loss <= target:
-            return t
+            if before is None or not (target > 0 and loss > 0 and math.isfinite(before[1])):
+                return t
+            t0, l0 = before
+            share = (math.log(l0) - math.log(target)) / (math.log(l0) - math.log(loss))
+            return t0 + (t - t0) * share
+        before = (t, loss)
     return math.inf
 
 
+def speedup(curve: dict, base_curve: dict) -> float:
+    """How much faster a run reaches a loss than uniform's ``base_curve`` (> 1 faster).
+
+    If the run ends at or below uniform's final loss ``L_u``: uniform's time to reach
+    ``L_u`` over the run's. Otherwise (the run ends above, at ``L_m``): uniform's time to
+    reach ``L_m`` over the run's own, which is < 1. So a slower method gets a number too,
+    and no seed drops out of an average. NaN if either final loss is not finite.
+    """
+    final, base = curve["train_loss"][-1], base_curve["train_loss"][-1]
+    if not (math.isfinite(final) and math.isfinite(base)):
+        return math.nan
+    target = base if final <= base else final
+    mine, theirs = time_to_reach(curve, target), time_to_reach(base_curve, target)
+    if mine == 0:  # reached at the start: only where uniform never trained below it
+        return math.inf if theirs > 0 else 1.0
+    return theirs / mine
+
+
 def summarise(runs: dict) -> list[dict]:
-    """One row per method; speed-ups are against uniform sampling's final training loss."""
+    """One row per method, against uniform sampling (if run) of the same seed.
+
+    ``time_to_uniform_loss``: training seconds to reach uniform's final training loss (inf
+    if never); ``speedup``: ``speedup(curve, uniform's curve)`` (> 1 faster, < 1 slower);
+    ``loss_ratio``: the final training loss over uniform's (< 1 lower).
+    """
     base = runs.get("uniform")
     target = base["final_train_loss"] if base else None
-    base_time = time_to_reach(base["curve"], target) if base else None
     rows = []
     for name, r in runs.items():
         row = {
@@ -32,12 +68,11 @@ def summarise(runs: dict) -> list[dict]:
             "ms_per_step": 1e3 * r["seconds_per_step"],
         }
         if target is not None:
-            t = time_to_reach(r["curve"], target)
-            row["time_to_uniform_loss"] = t
-            # NaN: never reached uniform's final loss within the budget
-            row["speedup"] = (
-                base_time / t if t > 0 and math.isfinite(t) else (math.inf if t == 0 else math.nan)
-            )
+            row["time_to_uniform_loss"] = time_to_reach(r["curve"], target)
+            row["speedup"] = speedup(r["curve"], base["curve"])
+            final = r["final_train_loss"]
+            finite = math.isfinite(final) and math.isfinite(target) and target > 0
+            row["loss_ratio"] = final / target if finite else math.nan
         rows.append(row)
     return rows
 
