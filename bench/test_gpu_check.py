@@ -82,3 +82,33 @@ def test_section_table_cells():
         "| b | OutOfMemoryError | - |",
         "| c | RuntimeError: no |",
     ]
+
+
+def test_linear_section_on_cpu_with_and_without_the_other_fused_layers(monkeypatch):
+    import torch.nn.functional as F
+
+    from bench import gpu_linear
+    from bench._section import Settings
+
+    settings = Settings(device="cpu", quick=True, bandwidth=1.0)
+    rows = gpu_linear.linear(settings)
+    assert [r["provider"] for r in rows] == ["fused", "naive"]  # neither package installed
+    for r in rows:
+        assert r["ms"] > 0 and r["MiB"] is None
+        assert r["loss_err"] < 1e-5 and r["dh_err"] < 1e-5 and r["dw_err"] < 1e-5
+    assert gpu_linear._optional("no_such_package_here", "x") is None
+
+    # stand-ins with the packages' call signatures: their rows appear, measured alike
+    def composed(h, w, y):
+        return F.cross_entropy(F.linear(h, w).float(), y)
+
+    class Liger:
+        def __call__(self, w, h, y):
+            return composed(h, w, y)
+
+    fakes = {"LigerFusedLinearCrossEntropyLoss": Liger, "linear_cross_entropy": composed}
+    monkeypatch.setattr(gpu_linear, "_optional", lambda module, name: fakes[name])
+    rows = gpu_linear.linear(settings)
+    assert [r["provider"] for r in rows] == ["fused", "naive", "liger", "cce"]
+    assert all(r["ms"] > 0 and r["dw_err"] < 1e-5 for r in rows)
+    assert "| provider |" in "\n".join(gpu_linear.linear_markdown(rows))

@@ -1,9 +1,11 @@
 """``fastis.linear_cross_entropy``: the last layer, the weighted loss and the score in one op.
 
 Runs the op ``fastis::linear_xent`` and its backward ``fastis::linear_xent_grad``
-(``fastis.linear_ops``), whose body is the chunked torch path
-(``fastis.reference_linear``): the logits are formed a chunk of rows at a time and never
-for the whole batch.
+(``fastis.linear_ops``). For CUDA tensors they launch the Triton kernels
+(``fastis._triton.linear_xent`` forward, ``fastis._triton.linear_xent_grad`` backward),
+which form the logits tile by tile in registers; for CPU tensors, float64 and with
+``FASTIS_BACKEND=torch`` the chunked torch path (``fastis.reference_linear``), which forms
+them a block of rows x classes at a time. Neither holds the logits of the whole batch.
 """
 
 import torch
@@ -34,8 +36,10 @@ def linear_cross_entropy(
     r"""``fastis.cross_entropy(hidden @ weight.T + bias, target, ...)`` without the logits.
 
     The logits ``z = h W^T + c`` of a final ``nn.Linear`` (or a tied embedding) are formed a
-    chunk of rows at a time, in float32, and never held for the whole batch: the extra
-    memory is a few ``[chunk, V]`` buffers (about 8 MiB each), not ``[N, V]``. Forward
+    tile at a time, in float32, and never held for the whole batch: on the CPU the extra
+    memory is a few tiles of logits (about 8 MiB each), not ``[N, V]``; on CUDA one tile per
+    program in registers, plus float32 accumulators for the gradients (``[N, D]`` and, for
+    16-bit weights, ``[V, D]``). Forward
     keeps one number per row, the log-sum-exp; backward forms the logits again, chunk by
     chunk, and accumulates ``dh = dz W``, ``dW = dz^T h`` and ``dc = sum dz`` in float32,
     with ``dz = w_i (p_i - t_i)`` times the reduction's factor. No host synchronisation

@@ -2,9 +2,13 @@
 
 Both are ``custom_op`` s with fake implementations, so ``torch.compile(fullgraph=True)``
 treats each as one opaque call (it never sees, and never fuses into, an ``[N, V]`` logits
-tensor). Their body is the chunked torch path (``fastis.reference_linear``), which serves
-every device; the kernel registered for CPU and CUDA first checks the class indices of CPU
-tensors (the one host read, and only where it costs no synchronisation).
+tensor). Their default body is the chunked torch path (``fastis.reference_linear``); the
+kernel registered for CPU and CUDA first checks the class indices of CPU
+tensors (the one host read, and only where it costs no synchronisation), then reads the
+backend once per call (``fastis._backend.kernel_backend``): for CUDA tensors the Triton
+kernels (``fastis._triton.linear_xent`` forward, ``fastis._triton.linear_xent_grad``
+backward), for CPU tensors and with ``FASTIS_BACKEND=torch`` the torch path. float64 always
+takes the torch path (the kernels accumulate in float32).
 
 - ``linear_xent(hidden, weight, bias, target, ignore_index, label_smoothing,
   compute_score)``: ``(loss, lse, score)`` per row of ``hidden`` ``[N, D]``; differentiable
@@ -25,7 +29,13 @@ only the per-row factor ``grad_loss``. There is no eager ``autograd.Function`` s
 import torch
 
 from fastis import reference_linear
+from fastis._backend import kernel_backend
 from fastis.ops import check_target_range
+
+
+def _use_triton(hidden: torch.Tensor) -> bool:
+    """The one backend decision of a call (float64 never takes the kernels)."""
+    return hidden.dtype != torch.float64 and kernel_backend(hidden) == "triton"
 
 
 def _check_values(hidden, weight, target, ignore_index) -> None:
@@ -65,6 +75,15 @@ def linear_xent(
 @linear_xent.register_kernel(("cpu", "cuda"))
 def _(hidden, weight, bias, target, ignore_index, label_smoothing, compute_score):
     _check_values(hidden, weight, target, ignore_index)
+    if _use_triton(hidden):
+        # imported on first use: Triton reads TRITON_INTERPRET when the kernels are defined
+        from fastis._triton import linear_xent as kernel
+
+        loss, lse, score = kernel.linear_xent(
+            hidden, weight, bias, target, ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+        )  # fmt: skip
+        return loss, lse, score if compute_score else loss.new_empty(0)
     return reference_linear.linear_xent(
         hidden,
         weight,
@@ -145,6 +164,40 @@ def linear_xent_grad(
     """``(grad_hidden, grad_weight, grad_bias)`` of ``sum_i grad_loss_i * loss_i``, in the
     inputs' dtypes; each has no rows unless asked for (``grad_bias`` also without a bias)."""
     return reference_linear.linear_xent_grad(
+        hidden,
+        weight,
+        bias,
+        target,
+        lse,
+        grad_loss,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        hidden_grad=hidden_grad,
+        weight_grad=weight_grad,
+        bias_grad=bias_grad,
+    )
+
+
+@linear_xent_grad.register_kernel(("cpu", "cuda"))
+def _(
+    hidden,
+    weight,
+    bias,
+    target,
+    lse,
+    grad_loss,
+    ignore_index,
+    label_smoothing,
+    hidden_grad,
+    weight_grad,
+    bias_grad,
+):
+    run = reference_linear.linear_xent_grad
+    if _use_triton(hidden):
+        from fastis._triton.linear_xent_grad import linear_xent_grad as run
+
+        grad_loss, lse = grad_loss.float(), lse.float().contiguous()
+    return run(
         hidden,
         weight,
         bias,

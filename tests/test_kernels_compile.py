@@ -67,8 +67,11 @@ SCRIPT = textwrap.dedent("""
         sig.update({name: "*" + t for name, t in job["pointers"].items()})
         sig.update({name: "fp32" for name in job["floats"]})
         sig.update({name: "constexpr" for name in job["constexprs"]})
+        # arguments a launch specialises as multiples of 16 (pointers, row strides)
+        attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]]
+                 for k in job.get("aligned", [])}
         src = ASTSource(fn=fn, signature=sig, constexprs={
-            (fn.arg_names.index(k),): v for k, v in job["constexprs"].items()})
+            (fn.arg_names.index(k),): v for k, v in job["constexprs"].items()}, attrs=attrs)
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": job["num_warps"]})
         res = resources(k.asm["cubin"])
@@ -155,3 +158,56 @@ def test_alias_kernels_compile_for_sm90_without_spills():
     for name, res in compile_all(alias_jobs()).items():
         # the int64 build (N >= 2^31) keeps an 8-byte stack slot; nothing spills beyond it
         assert res["stack"] <= 8 and res["regs"] < 128, (name, res)
+
+
+def linear_jobs():
+    """The fused last layer's forward and backward kernels at the launchers' GPU
+    configurations, for each input dtype (and a backward with frozen weight, no bias)."""
+    import torch
+
+    from fastis._triton.linear_xent_grad import grad_config
+
+    DTYPE_OF = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+    # contiguous rows: Triton specialises an integer argument equal to 1 at launch
+    unit = {"stride_hd": 1, "stride_wd": 1}
+    # and marks multiples of 16 (the pointers of fresh tensors, rows of 4096 elements)
+    aligned = ["Hidden", "Weight", "stride_hn", "stride_wv", "D"]
+    out = []
+    for dtype, int_type in (("bf16", "i64"), ("fp16", "i32"), ("fp32", "i32")):
+        cfg = grad_config(True, DTYPE_OF[dtype], 8192, 128256, 4096)
+        warps = cfg.pop("num_warps")
+        forward = {"HAS_BIAS": True, "SMOOTH": True, "DOT_F32": dtype == "fp32",
+                   "BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 64, **unit}  # fmt: skip
+        out.append({
+            "module": "fastis._triton.linear_xent", "kernel": "_linear_xent_kernel",
+            "pointers": {"Hidden": dtype, "Weight": dtype, "Bias": dtype, "Target": int_type,
+                         "Loss": "fp32", "Lse": "fp32", "Score": "fp32"},
+            "floats": ["eps"], "int": int_type, "constexprs": forward, "num_warps": 4,
+            "aligned": aligned, "name": f"linear_xent {dtype}/{int_type}",
+        })  # fmt: skip
+        for frozen in (False, True) if dtype == "bf16" else (False,):
+            backward = {"HAS_BIAS": not frozen, "WRITE_DH": True, "WRITE_DW": not frozen,
+                        "WRITE_DB": not frozen, "DOT_F32": dtype == "fp32",
+                        "ROUND_DZ": dtype == "bf16",
+                        "PRECISION": "ieee" if dtype == "fp32" else "tf32",
+                        **cfg, **unit}  # fmt: skip
+            out.append({
+                "module": "fastis._triton.linear_xent_grad",
+                "kernel": "_linear_xent_grad_kernel",
+                "pointers": {"Hidden": dtype, "Weight": dtype, "Bias": dtype,
+                             "Target": int_type, "Lse": "fp32", "GradLoss": "fp32",
+                             "GradHidden": "fp32", "GradWeight": "fp32", "GradBias": "fp32"},
+                "floats": ["eps"], "int": int_type, "constexprs": backward,
+                "num_warps": warps, "aligned": aligned + ["GradHidden", "GradWeight"],
+                "name": f"linear_xent_grad {dtype}/{int_type} frozen={frozen}",
+            })  # fmt: skip
+    return out
+
+
+def test_linear_kernels_compile_for_sm90():
+    for name, res in compile_all(linear_jobs()).items():
+        # the 16-bit kernels (the tensor-core path) keep their tiles in registers; float32's
+        # IEEE products spill
+        if "fp32" not in name:
+            assert res["stack"] <= 8, (name, res)

@@ -275,6 +275,24 @@ def test_empty_batch():
     assert loss.shape == (0,) and g.shape == (0,)
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_bfloat16_at_a_262k_vocabulary_as_accurate_as_torch_float32(eps):
+    # the chunked path (the Triton kernel takes minutes at this V under the interpreter;
+    # tests/test_linear_xent_kernels.py covers it at small V)
+    N, D, V = 8, 16, 262_144
+    h, w, b, y, _ = make(N, None, D, V, torch.bfloat16, seed=262, ignore=0)
+    w = w * 4  # logits of order 10
+    loss, g = fastis.linear_cross_entropy(h, w, y, bias=b, reduction="none",
+                                          label_smoothing=eps, return_score=True)  # fmt: skip
+    ref, _, _, g64, _ = truth(h, w, b, y, None, "none", -100, eps)
+    z32 = F.linear(h.float(), w.float(), b.float())
+    torch32 = F.cross_entropy(z32, y, reduction="none", label_smoothing=eps)
+    assert loss.dtype == torch.float32 and ref.abs().min() > 1
+    err, torch_err = (loss.double() - ref).abs(), (torch32.double() - ref).abs()
+    assert (err <= torch_err.max() + 1e-6 * (1 + ref.abs())).all(), (err, torch_err)
+    torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------
 # memory: one chunk of logits, never [N, V]
 

@@ -24,6 +24,39 @@ from fastis._triton.rows import class_index, count_undefined, logaddexp, online_
 
 
 @triton.jit
+def logit_tile(
+    Hidden, Weight, Bias, rows, row_mask, cls, cls_mask, D,
+    stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
+    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """The logits ``h W^T + c`` of rows ``rows`` x classes ``cls``, ``[BLOCK_N, BLOCK_V]``
+    float32, accumulated over blocks of ``BLOCK_D`` of the hidden dimension (masked-off
+    places hold ``c`` or 0). Forward and backward share it, so that backward forms the very
+    logits whose log-sum-exp forward saved."""
+    dims = tl.arange(0, BLOCK_D).to(tl.int64)
+    z = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + dims
+        h = tl.load(
+            Hidden + rows[:, None] * stride_hn + d[None, :] * stride_hd,
+            mask=row_mask[:, None] & (d < D)[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            Weight + cls[:, None] * stride_wv + d[None, :] * stride_wd,
+            mask=cls_mask[:, None] & (d < D)[None, :],
+            other=0.0,
+        )
+        if DOT_F32:
+            h, w = h.to(tl.float32), w.to(tl.float32)
+        z = tl.dot(h, tl.trans(w), z, input_precision="ieee")
+    if HAS_BIAS:
+        z += tl.load(Bias + cls * stride_b, mask=cls_mask, other=0.0).to(tl.float32)[None, :]
+    return z
+
+
+@triton.jit
 def _linear_xent_kernel(
     # pointers
     Hidden, Weight, Bias, Target, Loss, Lse, Score,
@@ -42,7 +75,6 @@ def _linear_xent_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     y, ignored, in_range, _ = class_index(Target + rows * stride_t, row_mask, V, ignore_index)
-    dims = tl.arange(0, BLOCK_D).to(tl.int64)
 
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -53,25 +85,9 @@ def _linear_xent_kernel(
     for v0 in range(0, V, BLOCK_V):
         cls = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         cls_mask = cls < V
-        # the tile of logits, accumulated in float32 over blocks of the hidden dimension
-        z = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + dims
-            h = tl.load(
-                Hidden + rows[:, None] * stride_hn + d[None, :] * stride_hd,
-                mask=row_mask[:, None] & (d < D)[None, :],
-                other=0.0,
-            )
-            w = tl.load(
-                Weight + cls[:, None] * stride_wv + d[None, :] * stride_wd,
-                mask=cls_mask[:, None] & (d < D)[None, :],
-                other=0.0,
-            )
-            if DOT_F32:
-                h, w = h.to(tl.float32), w.to(tl.float32)
-            z = tl.dot(h, tl.trans(w), z, input_precision="ieee")
-        if HAS_BIAS:
-            z += tl.load(Bias + cls * stride_b, mask=cls_mask, other=0.0).to(tl.float32)[None, :]
+        z = logit_tile(Hidden, Weight, Bias, rows, row_mask, cls, cls_mask, D,
+                       stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
+                       HAS_BIAS, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D)  # fmt: skip
         # classes past V read as -inf (probability 0); NaN / +inf counted on the side
         z = tl.where(cls_mask[None, :], z, float("-inf"))
         n_undefined += count_undefined(z)
