@@ -99,7 +99,7 @@ def test_torch_builds_are_exact(name, w, dtype):
         check_exact(prob[r], alias[r], rows[r])
 
 
-def test_colleague_case_implied_mass():
+def test_half_the_items_at_the_mean_keep_their_mass():
     # Half of 30 items at the mean: several q round to 1 + 1 ulp after a large excess.
     w = mean_filled(30, 0)
     prob, alias, probs = _alias_torch.build(w)
