@@ -9,13 +9,11 @@ Runs the op ``fastis::softmax_xent`` and its backward ``fastis::softmax_xent_gra
 import math
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from fastis._checks import bool_arg, check_logits_target, check_rows, index_arg
 from fastis.class_weight import apply_class_weight, check_class_weight
 from fastis.constants import IGNORE_INDEX, REDUCTIONS
 from fastis.ops import InplaceSoftmaxXent, count_rows, softmax_xent_autograd
-from fastis.ops import _check_values as check_values
 from fastis.score import sequence_norm, unsqueeze_unbatched
 
 
@@ -109,7 +107,7 @@ def cross_entropy(
     row_weight = None if sample_weight is None else _checked_weight(sample_weight, logits)
     if target.dtype == torch.uint8:
         target = target.long()
-    eps, factor, ignored, clean = float(label_smoothing), None, None, None
+    eps, factor, ignored = float(label_smoothing), None, None
     if weight is not None:
         check_class_weight(weight, logits)
         if not target.is_floating_point() and eps:
@@ -117,25 +115,19 @@ def cross_entropy(
         target, eps, factor, count = apply_class_weight(logits, target, weight, ignore_index, eps)
         if factor is not None:
             row_weight = factor if row_weight is None else row_weight * factor
-    elif inplace:
-        count = count_rows(target, logits, ignore_index)
-    else:
-        # class indices read once here (CPU eager): when none is ignored, a mean divides by
-        # the number of rows, with no counting op
-        clean = _eager_checked(logits, target, ignore_index)
-        if reduction != "mean":
-            count = None
-        elif clean:
-            count = logits.shape[:-1].numel()
-        else:
-            count = count_rows(target, logits, ignore_index)
+    else:  # a mean's count, out of place: after the op, which may read the class indices
+        count = count_rows(target, logits, ignore_index) if inplace else None
     if inplace:
         check_inplace(logits)
         loss, score = InplaceSoftmaxXent.apply(
             logits, target, row_weight, reduction, ignore_index, eps, count, reduce_rows
         )
     else:
-        loss, score = softmax_xent_autograd(logits, target, ignore_index, eps, return_score, clean)
+        loss, score, clean = softmax_xent_autograd(logits, target, ignore_index, eps, return_score)
+        if weight is None and reduction == "mean":
+            # where the op read the class indices and none is ignored, a mean divides by
+            # the number of rows, with no counting op
+            count = logits.shape[:-1].numel() if clean else count_rows(target, logits, ignore_index)
         if ignored is not None:
             loss = torch.where(ignored, 0.0, loss)
         loss = reduce_rows(loss, row_weight, reduction, count)
@@ -148,16 +140,6 @@ def cross_entropy(
         score = score * factor.abs()
     score = sequence_norm(score, logits).float()
     return loss, score[0] if unbatched else score
-
-
-def _eager_checked(logits, target, ignore_index) -> bool | None:
-    """``fastis.ops._check_values`` on the CPU in plain eager mode (what the op would check
-    anyway, read once for both), else None (the op checks where it can)."""
-    if logits.device.type != "cpu" or type(logits) is not torch.Tensor:
-        return None
-    if torch.compiler.is_compiling() or _current_dispatch_mode() is not None:
-        return None
-    return check_values(logits, target, ignore_index)
 
 
 def reduce_rows(row_loss, weight, reduction, count):

@@ -296,27 +296,24 @@ class _SoftmaxXent(torch.autograd.Function):
 
 
 def softmax_xent_autograd(
-    logits,
-    target,
-    ignore_index: int,
-    label_smoothing: float,
-    compute_score: bool,
-    clean: bool | None = None,
+    logits, target, ignore_index: int, label_smoothing: float, compute_score: bool
 ):
-    """``softmax_xent`` with its gradient: the op under ``torch.compile`` (and on devices and
-    backends other than the CPU's torch path, the same formula through ``_SoftmaxXent``);
-    on the CPU's torch path in eager mode, torch's own cross-entropy with its autograd.
+    """``(loss, score, clean)``: ``softmax_xent`` with its gradient, and what the class
+    indices were found to be where this call read them (the CPU's torch path in eager
+    mode: True when all are in ``[0, C)`` and none is ``ignore_index``), else None.
 
-    The last is the torch path itself, not another formula: ``F.cross_entropy`` is what
-    the torch path computes for the loss and its gradient, and its autograd is several
-    times cheaper than any composition (fwd + bwd at 128 x 10: 94 against 490 us
-    measured), which small models feel in every step. Its double backward and forward AD
-    are torch's; ``reference.cross_entropy_rows`` adds fastis's rules for ``+inf`` logits
-    and ignored rows, and ``reference.score_rows`` gives the score of class indices in a
-    few ops. ``clean``: what ``_check_values`` returned, when the caller has checked the
-    targets already (None: checked here)."""
+    The op under ``torch.compile``; on devices and backends other than the CPU's torch
+    path, the same formula through ``_SoftmaxXent`` (whose kernel checks the indices); on
+    the CPU's torch path in eager mode, torch's own cross-entropy with its autograd. The
+    last is the torch path itself, not another formula: ``F.cross_entropy`` is what the
+    torch path computes for the loss and its gradient, and its autograd is several times
+    cheaper than any composition (fwd + bwd at 128 x 10: 94 against 490 us measured),
+    which small models feel in every step. Its double backward and forward AD are
+    torch's; ``reference.cross_entropy_rows`` adds fastis's rules for ``+inf`` logits and
+    ignored rows, and ``reference.score_rows`` gives the score of class indices in a few
+    ops."""
     if torch.compiler.is_compiling():
-        return softmax_xent(logits, target, ignore_index, label_smoothing, compute_score)
+        return (*softmax_xent(logits, target, ignore_index, label_smoothing, compute_score), None)
     eager_cpu = (
         type(logits) is torch.Tensor
         and logits.device.type == "cpu"
@@ -325,14 +322,17 @@ def softmax_xent_autograd(
         and _kernels(logits) is None
     )
     if not eager_cpu:
-        return _SoftmaxXent.apply(logits, target, ignore_index, label_smoothing, compute_score)
-    if clean is None:
-        clean = _check_values(logits, target, ignore_index)
+        loss, score = _SoftmaxXent.apply(
+            logits, target, ignore_index, label_smoothing, compute_score
+        )
+        return loss, score, None
+    clean = _check_values(logits, target, ignore_index)
     if compute_score and not label_smoothing and clean is not None:
         # checked class indices (out of range raised): one log_softmax for both
-        return reference.cross_entropy_score_rows(
+        loss, score = reference.cross_entropy_score_rows(
             logits, target, ignore_index=ignore_index, clean=clean
         )
+        return loss, score, clean
     loss = reference.cross_entropy_rows(
         logits,
         target,
@@ -341,7 +341,7 @@ def softmax_xent_autograd(
         clean=bool(clean),
     )
     if not compute_score:
-        return loss, loss.new_empty(0)
+        return loss, loss.new_empty(0), clean
     with torch.no_grad():
         _, score, _ = reference.softmax_xent(
             logits.detach(),
@@ -349,7 +349,7 @@ def softmax_xent_autograd(
             ignore_index=ignore_index,
             label_smoothing=label_smoothing,
         )
-    return loss, score
+    return loss, score, clean
 
 
 # --------------------------------------------------------------------------------------
