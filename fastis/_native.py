@@ -13,8 +13,8 @@ top of the source tree (what ``cmake -S . -B build && cmake --build build`` writ
 
 Functions (same contracts as the Triton launchers in ``fastis._triton``):
 
-- ``softmax_xent(logits, target, *, ignore_index, label_smoothing, grad, grad_scale)``
-  -> ``(loss, score)``;
+- ``softmax_xent(logits, target, *, ignore_index, label_smoothing, grad, grad_scale,
+  check_target)`` -> ``(loss, score)``;
 - ``scale_rows_(grad, scale)``;
 - ``alias_build(weights)`` -> ``(prob, alias, probs)`` and
   ``alias_draw(prob, alias, n, generator)`` -> int64 ``[n]``.
@@ -23,13 +23,16 @@ Functions (same contracts as the Triton launchers in ``fastis._triton``):
 import ctypes
 import functools
 import os
+import struct
 import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-ABI_VERSION = (0, 1)  # (major, minor) this module speaks; the library's patch may differ
+# (major, minor) this module speaks: the library's major must match, its minor be at least
+# this one (a minor version only adds functions); its patch may differ
+ABI_VERSION = (0, 2)
 
 _LIB_NAMES = {"linux": "libfastis.so", "darwin": "libfastis.dylib", "win32": "fastis.dll"}
 
@@ -69,6 +72,12 @@ class _XentArgs(ctypes.Structure):
     ]
 
 
+# the same block as bytes, packed in one call: native sizes and alignment, field for field
+_XENT = struct.Struct("@3qPi3qPi3qqd3P3qPq")
+assert _XENT.size == ctypes.sizeof(_XentArgs)
+_STRIDES = struct.Struct("@3q")  # an int64_t[3] argument, as bytes
+
+
 def _candidates() -> list[Path]:
     name = _LIB_NAMES.get(sys.platform, "libfastis.so")
     env = os.environ.get("FASTIS_NATIVE_LIB")
@@ -83,15 +92,17 @@ def _candidates() -> list[Path]:
 
 def _declare(lib: ctypes.CDLL) -> None:
     i32, i64, u64, p = ctypes.c_int32, ctypes.c_int64, ctypes.c_uint64, ctypes.c_void_p
-    i64x3 = ctypes.POINTER(ctypes.c_int64)
     sigs = {
         "fastis_version": (i32, []),
         "fastis_has_cuda": (i32, []),
         "fastis_status_string": (ctypes.c_char_p, [i32]),
-        "fastis_softmax_xent_cpu": (i32, [ctypes.POINTER(_XentArgs), i32]),
-        "fastis_softmax_xent_cuda": (i32, [ctypes.POINTER(_XentArgs), p]),
-        "fastis_scale_rows_cpu": (i32, [i64, i64, i64, p, i32, i64x3, p, i32, i64, i32]),
-        "fastis_scale_rows_cuda": (i32, [i64, i64, i64, p, i32, i64x3, p, i32, i64, p]),
+        # the argument block is passed as packed bytes (_XENT) or a _XentArgs
+        "fastis_softmax_xent_cpu": (i32, [p, i32]),
+        "fastis_softmax_xent_cpu_count": (i32, [p, i32, ctypes.POINTER(i64)]),
+        "fastis_softmax_xent_cuda": (i32, [p, p]),
+        # (the strides int64_t[3] as packed bytes, _STRIDES)
+        "fastis_scale_rows_cpu": (i32, [i64, i64, i64, p, i32, p, p, i32, i64, i32]),
+        "fastis_scale_rows_cuda": (i32, [i64, i64, i64, p, i32, p, p, i32, i64, p]),
         "fastis_alias_build_cpu": (i32, [i64, p, i32, i64, p, p, i32, p]),
         "fastis_alias_draw_cpu": (i32, [i64, p, p, i32, i64, u64, u64, p, i32]),
         "fastis_alias_draw_cuda": (i32, [i64, p, p, i32, i64, u64, u64, p, p]),
@@ -117,7 +128,7 @@ def library() -> ctypes.CDLL | None:
         _unavailable(f"{path} could not be loaded ({err})")
         return None
     version = lib.fastis_version()
-    if (version // 10000, version // 100 % 100) != ABI_VERSION:
+    if version // 10000 != ABI_VERSION[0] or version // 100 % 100 < ABI_VERSION[1]:
         _unavailable(f"{path} is version {version}, this fastis needs {ABI_VERSION}")
         return None
     return lib
@@ -176,22 +187,34 @@ def _strides3(t: torch.Tensor, rank: int) -> tuple[int, int, int]:
     return (0, 0, s[0] if rank == 2 else 0)  # a single row
 
 
-def _rows_view(logits: torch.Tensor) -> tuple[int, int, int]:
-    """(B, T, C) of ``[C]``, ``[N, C]`` or ``[B, T, C]`` logits."""
-    if logits.dim() == 1:
-        return 1, 1, logits.shape[0]
-    if logits.dim() == 2:
-        return logits.shape[0], 1, logits.shape[1]
-    if logits.dim() == 3:
-        return tuple(logits.shape)
-    raise ValueError(f"logits must be [C], [N, C] or [B, T, C], got shape {tuple(logits.shape)}")
+def _view3(t: torch.Tensor) -> tuple[int, int, int, tuple[int, int, int]]:
+    """``(B, T, C, strides)`` of ``[C]``, ``[N, C]`` or ``[B, T, C]`` data seen as ``[B, T, C]``."""
+    shape = t.shape
+    nd = len(shape)
+    if nd == 2:
+        s = t.stride()
+        return shape[0], 1, shape[1], (s[0], 0, s[1])
+    if nd == 3:
+        return shape[0], shape[1], shape[2], t.stride()
+    if nd == 1:
+        return 1, 1, shape[0], (0, 0, t.stride(0))
+    raise ValueError(f"logits must be [C], [N, C] or [B, T, C], got shape {tuple(shape)}")
 
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_FLOAT_CODES = {d: _DTYPES[d] for d in _FLOATS}
+_INDEX_CODES = {d: _DTYPES[d] for d in (torch.int32, torch.int64)}
 
 
 def softmax_xent(
-    logits, target, *, ignore_index=-100, label_smoothing=0.0, grad=None, grad_scale=None
+    logits,
+    target,
+    *,
+    ignore_index=-100,
+    label_smoothing=0.0,
+    grad=None,
+    grad_scale=None,
+    check_target=False,
 ):
     """Per-row cross-entropy and gradient-norm score; ``fastis.reference.softmax_xent``'s math.
 
@@ -206,63 +229,90 @@ def softmax_xent(
         grad: optional output shaped like ``logits`` in its dtype; may be ``logits`` itself.
             Receives ``grad_scale[r] * dloss_r / dlogits_r``.
         grad_scale: optional per-row factors (``logits.shape[:-1]``, or one scalar).
+        check_target: on the CPU, raise ``ValueError`` for a class index outside ``[0, C)``
+            that is not ``ignore_index`` (counted by the kernel itself, in the same read of
+            the targets; ignored on CUDA, where it would synchronise).
 
     Returns:
         ``(loss, score)`` shaped ``logits.shape[:-1]``: float32, float64 for float64 logits.
-        Class indices outside ``[0, C)`` give NaN rows (no error, no synchronisation).
+        Class indices outside ``[0, C)`` give NaN rows (unless ``check_target`` raises; no
+        synchronisation).
     """
+    # The hot path of every CPU step at small shapes: the argument block is packed in one
+    # struct call (a ctypes Structure costs ~10 us a call field by field), and every value
+    # check beyond the shapes is left to the library, which answers with a status code.
     lib = _lib()
-    B, T, C = _rows_view(logits)
-    rows = logits.shape[:-1]
-    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    B, T, C, lstride = _view3(logits)
+    shape = logits.shape
+    rows = shape[:-1]
+    dtype = logits.dtype
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     loss = torch.empty(rows, dtype=out_dtype, device=logits.device)
     score = torch.empty_like(loss)
-    if loss.numel() == 0:
+    if B * T == 0:
         return loss, score
-    a = _XentArgs()
-    a.B, a.T, a.C = B, T, C
-    a.logits, a.logits_dtype = logits.data_ptr(), _dtype_code(logits, "logits", _FLOATS)
-    a.logits_stride[:] = _strides3(logits, 2)
+    code = _FLOAT_CODES.get(dtype)
+    if code is None:
+        raise TypeError(f"logits must have dtype in {_FLOATS}, got {dtype}")
     if target.is_floating_point():
-        if target.shape != logits.shape:
+        if target.shape != shape:
             raise ValueError(
-                f"soft target must be shaped like logits {tuple(logits.shape)}, "
-                f"got {tuple(target.shape)}"
+                f"soft target must be shaped like logits {tuple(shape)}, got {tuple(target.shape)}"
             )
-        target = target.to(logits.dtype)
-        a.target_stride[:] = _strides3(target, 2)
+        target = target.to(dtype)
+        tstride = _strides3(target, 2)
     else:
         if target.shape != rows:
             raise ValueError(f"target must be shaped {tuple(rows)}, got {tuple(target.shape)}")
-        if target.dtype not in (torch.int32, torch.int64):
+        if target.dtype not in _INDEX_CODES:
             target = target.long()
-        a.target_stride[:] = _strides3(target, 1)
-    a.target, a.target_dtype = target.data_ptr(), _DTYPES[target.dtype]
-    a.ignore_index, a.label_smoothing = int(ignore_index), float(label_smoothing)
-    a.loss, a.score = loss.data_ptr(), score.data_ptr()
+        tstride = _strides3(target, 1)
+    gptr, gstride, gsptr, gss = 0, (0, 0, 0), 0, 0
     if grad is not None:
-        if grad.shape != logits.shape or grad.dtype != logits.dtype:
+        if grad.shape != shape or grad.dtype != dtype:
             raise ValueError(
-                f"grad must be shaped {tuple(logits.shape)} with dtype "
-                f"{logits.dtype}, got {tuple(grad.shape)} {grad.dtype}"
+                f"grad must be shaped {tuple(shape)} with dtype "
+                f"{dtype}, got {tuple(grad.shape)} {grad.dtype}"
             )
-        a.grad = grad.data_ptr()
-        a.grad_stride[:] = _strides3(grad, 2)
+        gptr, gstride = grad.data_ptr(), _strides3(grad, 2)
         if grad_scale is not None:
-            grad_scale = grad_scale.to(out_dtype).reshape(-1)
-            if grad_scale.numel() not in (1, loss.numel()):
+            if grad_scale.dtype != out_dtype:
+                grad_scale = grad_scale.to(out_dtype)
+            n = grad_scale.numel()
+            if n != 1 and n != B * T:
                 raise ValueError(
-                    f"grad_scale must hold one factor per row ({loss.numel()}) "
-                    f"or one in all, got {grad_scale.numel()}"
+                    f"grad_scale must hold one factor per row ({B * T}) or one in all, got {n}"
                 )
-            a.grad_scale = grad_scale.data_ptr()
-            a.grad_scale_stride = grad_scale.stride(0) if grad_scale.numel() > 1 else 0
+            if grad_scale.dim() != 1:
+                grad_scale = grad_scale.reshape(-1)
+            gsptr, gss = grad_scale.data_ptr(), grad_scale.stride(0) if n > 1 else 0
+    packed = _XENT.pack(
+        B, T, C, logits.data_ptr(), code, *lstride,
+        target.data_ptr(), _DTYPES[target.dtype], *tstride,
+        ignore_index, label_smoothing, loss.data_ptr(), score.data_ptr(),
+        gptr, *gstride, gsptr, gss,
+    )  # fmt: skip
     if logits.is_cuda:
-        status = lib.fastis_softmax_xent_cuda(ctypes.byref(a), _stream(logits))
+        status = lib.fastis_softmax_xent_cuda(packed, _stream(logits))
+    elif check_target:
+        bad = ctypes.c_int64(0)
+        status = lib.fastis_softmax_xent_cpu_count(packed, torch.get_num_threads(), bad)
+        if status == 0 and bad.value:
+            _raise_out_of_range(target, C, ignore_index)
     else:
-        status = lib.fastis_softmax_xent_cpu(ctypes.byref(a), torch.get_num_threads())
-    _check(lib, status, "softmax_xent")
+        status = lib.fastis_softmax_xent_cpu(packed, torch.get_num_threads())
+    if status:
+        _check(lib, status, "softmax_xent")
     return loss, score
+
+
+def _raise_out_of_range(target, C, ignore_index):
+    """The error for class indices the kernel counted outside ``[0, C)`` (a slow path)."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= C))
+    value = target[bad].reshape(-1)[0].item()
+    raise ValueError(
+        f"target contains class index {value}, outside [0, {C}) and not ignore_index={ignore_index}"
+    )
 
 
 def scale_rows_(grad, scale):
@@ -274,32 +324,30 @@ def scale_rows_(grad, scale):
             float32 (float64 for a float64 ``grad``).
     """
     lib = _lib()
-    B, T, C = _rows_view(grad)
+    B, T, C, strides = _view3(grad)
     dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    scale = scale.to(dtype).reshape(-1)
-    if scale.numel() not in (1, B * T):
-        raise ValueError(
-            f"scale must hold one factor per row ({B * T}) or one in all, got {scale.numel()}"
-        )
+    if scale.dtype != dtype:
+        scale = scale.to(dtype)
+    if scale.dim() != 1:
+        scale = scale.reshape(-1)
+    n = scale.numel()
+    if n != 1 and n != B * T:
+        raise ValueError(f"scale must hold one factor per row ({B * T}) or one in all, got {n}")
     if B * T * C == 0:
         return grad
-    strides = (ctypes.c_int64 * 3)(*_strides3(grad, 2))
+    code = _FLOAT_CODES.get(grad.dtype)
+    if code is None:
+        raise TypeError(f"grad must have dtype in {_FLOATS}, got {grad.dtype}")
     args = (
-        B,
-        T,
-        C,
-        grad.data_ptr(),
-        _dtype_code(grad, "grad", _FLOATS),
-        strides,
-        scale.data_ptr(),
-        _DTYPES[dtype],
-        scale.stride(0) if scale.numel() > 1 else 0,
-    )
+        B, T, C, grad.data_ptr(), code, _STRIDES.pack(*strides),
+        scale.data_ptr(), _DTYPES[dtype], scale.stride(0) if n > 1 else 0,
+    )  # fmt: skip
     if grad.is_cuda:
         status = lib.fastis_scale_rows_cuda(*args, _stream(grad))
     else:
         status = lib.fastis_scale_rows_cpu(*args, torch.get_num_threads())
-    _check(lib, status, "scale_rows_")
+    if status:
+        _check(lib, status, "scale_rows_")
     return grad
 
 

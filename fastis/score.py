@@ -1,12 +1,15 @@
 """``fastis.score``: the per-sample gradient-norm upper bound of Katharopoulos & Fleuret.
 
 Runs the op ``fastis::softmax_xent`` (``fastis.ops``): the Triton kernel
-(``fastis._triton.softmax_xent``) for CUDA tensors, the plain-torch path
-(``fastis.reference``) elsewhere and for float64.
+(``fastis._triton.softmax_xent``) for CUDA tensors, the native library (``fastis._native``)
+for CPU tensors when it is built, the plain-torch path (``fastis.reference``) elsewhere and
+for float64 (the backend that ``FASTIS_BACKEND`` selects).
 """
 
 import torch
 
+from fastis import _native
+from fastis._backend import kernel_backend
 from fastis._checks import bool_arg, check_logits_target, check_rows, index_arg
 from fastis.class_weight import apply_class_weight, check_class_weight
 from fastis.constants import IGNORE_INDEX
@@ -79,21 +82,44 @@ def score(
     if target.dtype == torch.uint8:
         target = target.long()
     eps, factor = float(label_smoothing), None
+    logits, target = logits.detach(), target.detach()
+    if weight is None and features is None:
+        # (nothing here requires grad: no grad-mode switch, a few microseconds a call)
+        g = sequence_norm(row_scores(logits, target, ignore_index, eps), logits).float()
+        return g[0] if unbatched else g
     with torch.no_grad():
-        logits, target = logits.detach(), target.detach()
         if weight is not None:
             target, eps, factor, _ = apply_class_weight(logits, target, weight, ignore_index, eps)
-        # the registered kernel itself in plain eager mode (the op's dispatcher costs tens
-        # of microseconds a call), the op elsewhere
-        _, g = _direct(logits, softmax_xent, _softmax_xent_kernel)(
-            logits, target, ignore_index, eps, True
-        )
+        g = row_scores(logits, target, ignore_index, eps)
         if factor is not None:
             g = g * factor.abs()
         if features is not None:
             g = scale_by_features(g, features.detach(), bias)
         g = sequence_norm(g, logits).float()
     return g[0] if unbatched else g
+
+
+def row_scores(logits, target, ignore_index: int, eps: float) -> torch.Tensor:
+    """Per-row scores ``[N]`` / ``[B, T]`` of the op ``fastis::softmax_xent``.
+
+    In plain eager mode the registered kernel itself runs (the op's dispatcher costs tens of
+    microseconds a call), the op elsewhere (under ``torch.compile``, dispatch modes, tensor
+    subclasses). Class indices on the CPU with the native backend go to the library
+    directly, which checks their range in the same read (the op's kernel first reads them
+    once more for the check): the same result and the same ``ValueError``.
+    """
+    kernel = _direct(logits, softmax_xent, _softmax_xent_kernel)
+    if (
+        kernel is _softmax_xent_kernel
+        and not logits.is_cuda
+        and not target.is_floating_point()
+        and logits.shape[-1] > 0
+        and kernel_backend(logits) == "native"
+    ):
+        return _native.softmax_xent(
+            logits, target, ignore_index=ignore_index, label_smoothing=eps, check_target=True
+        )[1]
+    return kernel(logits, target, ignore_index, eps, True)[1]
 
 
 def unsqueeze_unbatched(logits, target):

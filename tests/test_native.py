@@ -5,6 +5,7 @@ The session fixture ``native`` (tests/conftest.py) builds the CPU library with C
 missing.
 """
 
+import ctypes
 import warnings
 from pathlib import Path
 
@@ -179,6 +180,43 @@ def test_bad_arguments_name_the_problem(native):
         )
     with pytest.raises(TypeError, match="logits must have dtype"):
         native.softmax_xent(z.long(), torch.zeros(4, dtype=torch.long))
+
+
+def test_packed_arguments_are_the_structure_field_for_field(native):
+    # the argument block is packed by struct, not built in the ctypes Structure: same bytes
+    values = [7, 3, 11, 0x1000, 2, 33, 11, 1, 0x2000, 5, 3, 1, 0, -100, 0.25]
+    values += [0x3000, 0x4000, 0x5000, 34, 12, 2, 0x6000, 1]
+    a = native._XentArgs()
+    names = [name for name, _ in native._XentArgs._fields_]
+    it = iter(values)
+    for name in names:
+        field = getattr(a, name)
+        if isinstance(field, ctypes.Array):
+            field[:] = [next(it) for _ in range(len(field))]
+        else:
+            setattr(a, name, next(it))
+    assert next(it, None) is None
+    assert bytes(a) == native._XENT.pack(*values)
+
+
+@pytest.mark.parametrize("C", [6, 40])  # the narrow path and the row path
+def test_check_target_counts_out_of_range_indices_in_the_kernel(native, C):
+    z = torch.randn(5, C)
+    y = torch.tensor([0, 1, C - 1, -100, 2])
+    loss, score = native.softmax_xent(z, y, check_target=True)
+    want_loss, want_score, _ = reference.softmax_xent(z.double(), y)
+    torch.testing.assert_close(score.double(), want_score, rtol=1e-5, atol=1e-6)
+    for bad in (C, -1, 2**40):
+        yb = y.clone()
+        yb[4] = bad
+        with pytest.raises(ValueError, match=rf"class index {bad}, outside \[0, {C}\)"):
+            native.softmax_xent(z, yb, check_target=True)
+        loss, _ = native.softmax_xent(z, yb)  # unchecked: a NaN row, no error
+        assert loss[4].isnan() and not loss[:4].isnan().any()
+    yb = y.clone()
+    yb[3] = -7  # ignore_index itself is not out of range
+    loss, _ = native.softmax_xent(z, yb, ignore_index=-7, check_target=True)
+    assert loss[3] == 0
 
 
 @pytest.mark.parametrize("shape", [(1, 6), (4, 1, 6)])

@@ -247,12 +247,16 @@ def test_int32_target_and_no_grad(backend, device):
     torch.testing.assert_close(got, fastis.score(logits, target))
 
 
-def test_out_of_range_target_is_an_error_on_cpu(backend):
-    logits = torch.randn(4, 6)
-    for bad in (6, -1, -101):
+@pytest.mark.parametrize("C", [6, 40])
+def test_out_of_range_target_is_an_error_on_cpu(backend, C):
+    logits = torch.randn(4, C)
+    for bad in (C, -1, -101):
         target = torch.tensor([0, bad, 2, 3])
-        with pytest.raises(ValueError, match=f"class index {bad}"):
+        with pytest.raises(ValueError, match=rf"class index {bad}, outside \[0, {C}\)"):
             fastis.score(logits, target)
+        # the ignored index is no error, and scores 0
+        got = fastis.score(logits, target, ignore_index=bad)
+        assert got[1] == 0 and (got[[0, 2, 3]] > 0).all()
 
 
 def test_kernel_marks_out_of_range_rows_nan(device):

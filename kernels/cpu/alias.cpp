@@ -98,13 +98,48 @@ fastis_status build(int64_t n, const W* w, int64_t ws, double* prob, A* alias, d
   return FASTIS_OK;
 }
 
+// Draws [k0, k1) in batches of kDrawBatch: Philox for the whole batch first, one round at
+// a time over all its counters (loops the compiler vectorises: 32 x 32 -> 64-bit products
+// lane by lane), then the buckets and coins, then the table reads in a loop of their own,
+// so that many cache misses into a large table are in flight at once (one draw at a time,
+// the Philox rounds between two reads kept about two in flight: 3x slower at 2^20 items).
+// The same words, buckets and coins as philox4x32_10 / alias_bucket / alias_coin.
+constexpr int kDrawBatch = 64;
+
 template <class A>
 FASTIS_HOT void draw_range(int64_t n, const double* prob, const A* alias, uint64_t seed,
                            uint64_t offset, int64_t* out, int64_t k0, int64_t k1) {
-  for (int64_t k = k0; k < k1; ++k) {
-    const Philox4 w = philox4x32_10(seed, offset + static_cast<uint64_t>(k));
-    const int64_t b = alias_bucket(w, n);
-    out[k] = alias_coin(w) < prob[b] ? b : static_cast<int64_t>(alias[b]);
+  uint32_t c0[kDrawBatch], c1[kDrawBatch], c2[kDrawBatch], c3[kDrawBatch];
+  int64_t bucket[kDrawBatch];
+  double coin[kDrawBatch];
+  for (int64_t k = k0; k < k1; k += kDrawBatch) {
+    const int m = k1 - k < kDrawBatch ? static_cast<int>(k1 - k) : kDrawBatch;
+    for (int j = 0; j < kDrawBatch; ++j) {  // (the whole batch: fixed trip counts)
+      const uint64_t counter = offset + static_cast<uint64_t>(k) + static_cast<uint64_t>(j);
+      c0[j] = static_cast<uint32_t>(counter), c1[j] = static_cast<uint32_t>(counter >> 32);
+      c2[j] = 0, c3[j] = 0;
+    }
+    uint32_t key0 = static_cast<uint32_t>(seed), key1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      for (int j = 0; j < kDrawBatch; ++j) {
+        const uint64_t p0 = static_cast<uint64_t>(0xCD9E8D57u) * c2[j];
+        const uint64_t p1 = static_cast<uint64_t>(0xD2511F53u) * c0[j];
+        c0[j] = static_cast<uint32_t>(p0 >> 32) ^ c1[j] ^ key0;
+        c2[j] = static_cast<uint32_t>(p1 >> 32) ^ c3[j] ^ key1;
+        c1[j] = static_cast<uint32_t>(p0);
+        c3[j] = static_cast<uint32_t>(p1);
+      }
+      key0 += 0x9E3779B9u;
+      key1 += 0xBB67AE85u;
+    }
+    for (int j = 0; j < m; ++j)
+      bucket[j] = alias_bucket(Philox4{{c0[j], c1[j], c2[j], c3[j]}}, n);
+    for (int j = 0; j < kDrawBatch; ++j)
+      coin[j] = alias_coin(Philox4{{c0[j], c1[j], c2[j], c3[j]}});
+    for (int j = 0; j < m; ++j) {
+      const int64_t b = bucket[j];
+      out[k + j] = coin[j] < prob[b] ? b : static_cast<int64_t>(alias[b]);
+    }
   }
 }
 

@@ -105,8 +105,9 @@ inline float pick(bool c, float a, float b) {
 inline double pick(bool c, double a, double b) { return c ? a : b; }
 
 // exp in float32 (about 1 ulp): exp(x) = 2^n exp(r), n = round(x / ln 2), r in
-// [-ln2/2, ln2/2] by a two-constant (exact first step) reduction, exp(r) by a degree-7 polynomial (Cephes'
-// minimax coefficients). Results below FLT_MIN flush to 0; -inf gives 0, NaN stays NaN.
+// [-ln2/2, ln2/2] by a two-constant (exact first step) reduction, exp(r) by a degree-7
+// polynomial (Cephes' minimax coefficients). Results below FLT_MIN flush to 0; -inf gives 0,
+// NaN stays NaN.
 inline float vexp(float x) {
   // x clamped to [-87, 88] (NaN to -87; it is NaN again at the end), by bit masks
   const uint32_t below = 0u - static_cast<uint32_t>(!(x >= -87.0f));

@@ -1,58 +1,41 @@
 // Softmax cross-entropy rows on the CPU: loss, gradient-norm score, optional gradient.
 //
-// Hard targets (class indices): one read of each row from memory. With m the running max
-// over the other columns j != y, s = sum_{j != y} exp(z_j - m) and
-// q = sum_{j != y} exp(2 (z_j - m)), both rescaled when m grows, d = z_y - m and
+// Hard targets (class indices): with m the max over the other columns j != y,
+// s = sum_{j != y} exp(z_j - m) and q = sum_{j != y} exp(2 (z_j - m)), d = z_y - m and
 // log S = logaddexp(log s, d):
 //   1 - p_y = exp(log s - log S) (summed, never a difference),
 //   score = exp(log(s^2 + q) / 2 - log S),  loss = log S - d.
-// s is in [1, C], so nothing overflows or underflows on the way. A second read of the row
-// (while it is still in cache) writes the gradient p - e_y, or, with label smoothing, sums
-// the squares of p - t for the score.
+// s is in [1, C], so nothing overflows or underflows on the way. The gradient is p - e_y;
+// with label smoothing a second read of the row sums the squares of p - t for the score.
 // Soft targets: the same online max for log-sum-exp with sum t and <t, z>; the second read
 // forms T p - t for the score (and the gradient).
 //
-// Small C (up to kNarrowC, e.g. the common 10 classes) with hard targets and no smoothing is
-// the narrow path: 16 rows at a time, one per vector lane, so that the per-row logarithms
-// and exponentials are vectorised too. Every other case runs row by row, in blocks of
-// kBlock columns, vectorised along the row.
+// Paths:
+// - narrow (C up to kNarrowC, e.g. the common 10 classes; hard targets, no smoothing): one
+//   row per vector lane, so that the per-row logarithms and exponentials are vectorised too;
+// - float32 rows, contiguous, hard targets, no smoothing (hard_row_f32): explicit vectors
+//   along the row, one pass for the max, one for s and q that also stores exp(z_j - m) in
+//   the gradient row, and a last pass over that row alone that scales it by exp(-log S):
+//   one exponential per element with the gradient, not two;
+// - every other case row by row, in blocks of kBlock columns (online max), vectorised
+//   along the row by the compiler, with a second read for the gradient.
 #include <math.h>
 
+#include <atomic>
 #include <limits>
+#include <type_traits>
 
 #include "fastis.h"
 #include "numeric.hpp"
 #include "parallel.hpp"
 #include "validate.hpp"
+#include "vec.hpp"
+#include "xent_fast.hpp"
+#include "xent_rows.hpp"
 
 namespace fastis {
 namespace {
 
-constexpr int64_t kBlock = 128;      // columns per block of the row-wise path
-constexpr int64_t kNarrowC = 32;     // C up to this takes the narrow path (hard targets)
-constexpr int kLanes = 16;           // rows per group of the narrow path, and partial sums
-
-template <class F>
-constexpr F inf() {
-  return std::numeric_limits<F>::infinity();
-}
-template <class F>
-constexpr F nan() {
-  return std::numeric_limits<F>::quiet_NaN();
-}
-
-// Read-only / writable strided [B, T, C] views; row r is (r / T, r % T).
-template <class S>
-struct Rows {
-  S* p;
-  int64_t T, sb, st, sc;
-  S* row(int64_t r) const { return p + (r / T) * sb + (r % T) * st; }
-};
-
-struct Options {
-  int64_t C, ignore_index;
-  double eps;
-};
 
 // buf[k] = z[(c0 + k) * sc] in the compute type for k < n, then `pad` up to kBlock: every
 // loop over a block then has the fixed trip count kBlock, which vectorises with no scalar
@@ -110,33 +93,6 @@ struct Online {
   }
 };
 
-template <class S, class F>
-inline void fill_row(S* g, int64_t sc, int64_t C, F value) {
-  const S v = store_as<S, F>(value);
-  for (int64_t c = 0; c < C; ++c) g[c * sc] = v;
-}
-
-// A hard-target row from its pass over the other classes: m = max_{j != y} z_j (-inf when
-// there is none: then m = z_y), s = sum_{j != y} exp(z_j - m) >= 1 (or 0), q likewise of
-// the squares, d = z_y - m. With log S = logaddexp(log s, d):
-//   loss = log S - d,  1 - p_y = exp(log s - log S),  score = exp(log(s^2 + q) / 2 - log S),
-// evaluated so that neither S nor s^2 overflows or underflows, and log1p keeps the loss
-// exact as p_y -> 1.
-template <class F>
-struct HardRow {
-  F m, log_S, loss, score, one_minus_py;
-};
-
-template <class F>
-inline HardRow<F> finish_hard(F m, F s, F q, F zy) {
-  m = pick(m == -inf<F>(), zy, m);
-  const F d = zy - m, ls = vlog(s);
-  const F hi = pick(ls > d, ls, d), lo = pick(ls > d, d, ls);
-  const F l1p = vlog1p(vexp(lo - hi));
-  const F log_S = hi + l1p;
-  return HardRow<F>{m, log_S, (hi - d) + l1p, vexp(F(0.5) * vlog(s * s + q) - log_S),
-                    vexp(ls - log_S)};
-}
 
 // One row, hard target, any C. Returns (loss, score) through the pointers.
 template <class S, class I, class F>
@@ -268,78 +224,9 @@ void soft_row(const S* z, int64_t sc, const S* tg, int64_t tsc, const Options& o
   *score = sqrt(squares);
 }
 
-// kLanes rows [r0, r0 + n) at once, hard targets, no smoothing, C <= kNarrowC: lane l is
-// row r0 + l, and every loop runs over the lanes (vectorised), the per-row math included.
-template <class S, class I>
-void narrow_rows(const Rows<const S>& z, const Rows<const I>& tgt, const Options& o,
-                 const float* gs, int64_t gss, const Rows<S>* g, int64_t r0, int n, float* loss,
-                 float* score) {
-  const int64_t C = o.C;
-  float zb[kNarrowC][kLanes];
-  int32_t yy[kLanes];
-  float zy[kLanes], scale[kLanes];
-  int32_t ignored[kLanes], bad[kLanes];  // 0 / 1 (int lanes vectorise, bools do not)
-  for (int l = 0; l < kLanes; ++l) {
-    const bool live = l < n;
-    const int64_t y = live ? static_cast<int64_t>(*tgt.row(r0 + l)) : 0;
-    ignored[l] = live && y == o.ignore_index;
-    const bool in_range = y >= 0 && y < C;
-    yy[l] = in_range ? static_cast<int32_t>(y) : 0;
-    const S* row = live ? z.row(r0 + l) : nullptr;
-    for (int64_t c = 0; c < C; ++c) zb[c][l] = row ? load_as<S, float>(row[c * z.sc]) : 0.0f;
-    zy[l] = zb[yy[l]][l];
-    bad[l] = !in_range || !(zy[l] < inf<float>());
-    scale[l] = live && gs ? gs[(r0 + l) * gss] : 1.0f;
-  }
-  float m[kLanes], s[kLanes], q[kLanes];
-#pragma omp simd
-  for (int l = 0; l < kLanes; ++l) m[l] = -inf<float>(), s[l] = 0.0f, q[l] = 0.0f;
-  for (int64_t c = 0; c < C; ++c) {
-#pragma omp simd
-    for (int l = 0; l < kLanes; ++l) {
-      const float x = zb[c][l];
-      m[l] = pick((c != yy[l]) & (x > m[l]), x, m[l]);
-    }
-  }
-#pragma omp simd
-  for (int l = 0; l < kLanes; ++l) m[l] = pick(m[l] == -inf<float>(), zy[l], m[l]);
-  for (int64_t c = 0; c < C; ++c) {
-#pragma omp simd
-    for (int l = 0; l < kLanes; ++l) {
-      const float e = pick(c == yy[l], 0.0f, vexp(zb[c][l] - m[l]));
-      s[l] += e;
-      q[l] += e * e;
-    }
-  }
-  float shift[kLanes], omp[kLanes];
-#pragma omp simd
-  for (int l = 0; l < kLanes; ++l) {
-    const HardRow<float> h = finish_hard(m[l], s[l], q[l], zy[l]);
-    shift[l] = h.m + h.log_S;
-    omp[l] = h.one_minus_py;
-    const float fill = pick(ignored[l] != 0, 0.0f, nan<float>());
-    const bool special = (ignored[l] | bad[l]) != 0;
-    s[l] = pick(special, fill, h.loss);
-    q[l] = pick(special, fill, h.score);
-  }
-  for (int l = 0; l < n; ++l) loss[l] = s[l], score[l] = q[l];
-  if (!g) return;
-  for (int64_t c = 0; c < C; ++c) {
-#pragma omp simd
-    for (int l = 0; l < kLanes; ++l) {
-      const float p = pick(c == yy[l], -omp[l], vexp(zb[c][l] - shift[l]));
-      const float v = pick(bad[l] != 0, nan<float>(), p * scale[l]);
-      zb[c][l] = pick(ignored[l] != 0, 0.0f, v);
-    }
-  }
-  for (int l = 0; l < n; ++l) {
-    S* row = g->row(r0 + l);
-    for (int64_t c = 0; c < C; ++c) row[c * g->sc] = store_as<S, float>(zb[c][l]);
-  }
-}
-
+// Rows [r0, r1) with class indices; returns how many are outside [0, C) and not ignored.
 template <class S, class I, class F>
-FASTIS_HOT void hard_range(const fastis_xent_args* a, int64_t r0, int64_t r1) {
+FASTIS_HOT int64_t hard_range(const fastis_xent_args* a, int64_t r0, int64_t r1) {
   const Rows<const S> z{static_cast<const S*>(a->logits), a->T, a->logits_stride[0],
                         a->logits_stride[1], a->logits_stride[2]};
   const Rows<const I> tgt{static_cast<const I*>(a->target), a->T, a->target_stride[0],
@@ -350,21 +237,48 @@ FASTIS_HOT void hard_range(const fastis_xent_args* a, int64_t r0, int64_t r1) {
   const F* gs = static_cast<const F*>(a->grad_scale);
   F* loss = static_cast<F*>(a->loss);
   F* score = static_cast<F*>(a->score);
+  int64_t out_of_range = 0;
+  // 16-lane vectors where they are native (AVX-512), else 8 (wider ones would be lowered
+  // lane by lane: see vec.hpp); the narrow path's auto-vectorised loops with AVX-512
+  const bool wide = wide_vectors();
   if constexpr (sizeof(F) == 4) {
     if (o.C <= kNarrowC && o.eps == 0) {
-      for (int64_t r = r0; r < r1; r += kLanes) {
-        const int n = r1 - r < kLanes ? static_cast<int>(r1 - r) : kLanes;
-        narrow_rows<S, I>(z, tgt, o, gs, a->grad_scale_stride, a->grad ? &g : nullptr, r, n,
-                          loss + r, score + r);
+      const Rows<S>* gp = a->grad ? &g : nullptr;
+      const int64_t gss = a->grad_scale_stride;
+      const int step = wide ? kLanes : 8;
+      for (int64_t r = r0; r < r1; r += step) {
+        const int n = r1 - r < step ? static_cast<int>(r1 - r) : step;
+        out_of_range +=
+            wide ? narrow_rows_auto<S, I>(z, tgt, o, gs, gss, gp, r, n, loss + r, score + r)
+                 : narrow_rows<V8, S, I>(z, tgt, o, gs, gss, gp, r, n, loss + r, score + r);
       }
-      return;
+      return out_of_range;
+    }
+  }
+  if constexpr (std::is_same<S, float>::value) {
+    if (o.eps == 0 && z.sc == 1 && (!a->grad || g.sc == 1)) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const float scale = gs ? gs[r * a->grad_scale_stride] : 1.0f;
+        const int64_t y = static_cast<int64_t>(*tgt.row(r));
+        out_of_range += (y < 0 || y >= o.C) && y != o.ignore_index;
+        float* gr = a->grad ? g.row(r) : nullptr;
+        if (wide) {
+          hard_row_f32<V16>(z.row(r), y, o, scale, gr, loss + r, score + r);
+        } else {
+          hard_row_f32<V8>(z.row(r), y, o, scale, gr, loss + r, score + r);
+        }
+      }
+      return out_of_range;
     }
   }
   for (int64_t r = r0; r < r1; ++r) {
     const F scale = gs ? gs[r * a->grad_scale_stride] : F(1);
+    const int64_t y = static_cast<int64_t>(*tgt.row(r));
+    out_of_range += (y < 0 || y >= o.C) && y != o.ignore_index;
     hard_row<S, I, F>(z.row(r), z.sc, *tgt.row(r), o, scale, a->grad ? g.row(r) : nullptr,
                       g.sc, loss + r, score + r);
   }
+  return out_of_range;
 }
 
 template <class S, class F>
@@ -385,14 +299,17 @@ FASTIS_HOT void soft_range(const fastis_xent_args* a, int64_t r0, int64_t r1) {
 }
 
 template <class S, class F>
-void run_dtype(const fastis_xent_args* a, int64_t rows, int32_t num_threads) {
+void run_dtype(const fastis_xent_args* a, int64_t rows, int32_t num_threads,
+               std::atomic<int64_t>* out_of_range) {
   const int64_t work = a->C * (a->grad ? 2 : 1);
   if (a->target_dtype == FASTIS_INT64) {
-    parallel_for(rows, work, num_threads,
-                 [a](int64_t r0, int64_t r1) { hard_range<S, int64_t, F>(a, r0, r1); });
+    parallel_for(rows, work, num_threads, [a, out_of_range](int64_t r0, int64_t r1) {
+      *out_of_range += hard_range<S, int64_t, F>(a, r0, r1);
+    });
   } else if (a->target_dtype == FASTIS_INT32) {
-    parallel_for(rows, work, num_threads,
-                 [a](int64_t r0, int64_t r1) { hard_range<S, int32_t, F>(a, r0, r1); });
+    parallel_for(rows, work, num_threads, [a, out_of_range](int64_t r0, int64_t r1) {
+      *out_of_range += hard_range<S, int32_t, F>(a, r0, r1);
+    });
   } else {
     parallel_for(rows, 2 * work, num_threads,
                  [a](int64_t r0, int64_t r1) { soft_range<S, F>(a, r0, r1); });
@@ -402,19 +319,28 @@ void run_dtype(const fastis_xent_args* a, int64_t rows, int32_t num_threads) {
 }  // namespace
 }  // namespace fastis
 
-extern "C" fastis_status fastis_softmax_xent_cpu(const fastis_xent_args* args,
-                                                 int32_t num_threads) {
+extern "C" fastis_status fastis_softmax_xent_cpu_count(const fastis_xent_args* args,
+                                                       int32_t num_threads,
+                                                       int64_t* out_of_range) {
   using namespace fastis;
   const fastis_status st = validate_xent(args);
   if (st != FASTIS_OK) return st;
+  std::atomic<int64_t> count{0};
   const int64_t rows = args->B * args->T;
-  if (rows == 0) return FASTIS_OK;
-  switch (args->logits_dtype) {
-    case FASTIS_FLOAT32: run_dtype<float, float>(args, rows, num_threads); break;
-    case FASTIS_FLOAT64: run_dtype<double, double>(args, rows, num_threads); break;
-    case FASTIS_FLOAT16: run_dtype<half_t, float>(args, rows, num_threads); break;
-    case FASTIS_BFLOAT16: run_dtype<bf16_t, float>(args, rows, num_threads); break;
-    default: return FASTIS_ERR_UNSUPPORTED_DTYPE;
+  if (rows > 0) {
+    switch (args->logits_dtype) {
+      case FASTIS_FLOAT32: run_dtype<float, float>(args, rows, num_threads, &count); break;
+      case FASTIS_FLOAT64: run_dtype<double, double>(args, rows, num_threads, &count); break;
+      case FASTIS_FLOAT16: run_dtype<half_t, float>(args, rows, num_threads, &count); break;
+      case FASTIS_BFLOAT16: run_dtype<bf16_t, float>(args, rows, num_threads, &count); break;
+      default: return FASTIS_ERR_UNSUPPORTED_DTYPE;
+    }
   }
+  if (out_of_range) *out_of_range = count.load();
   return FASTIS_OK;
+}
+
+extern "C" fastis_status fastis_softmax_xent_cpu(const fastis_xent_args* args,
+                                                 int32_t num_threads) {
+  return fastis_softmax_xent_cpu_count(args, num_threads, nullptr);
 }

@@ -40,7 +40,7 @@ extern "C" {
 #endif
 
 #define FASTIS_VERSION_MAJOR 0
-#define FASTIS_VERSION_MINOR 1
+#define FASTIS_VERSION_MINOR 2
 #define FASTIS_VERSION_PATCH 0
 /* major * 10000 + minor * 100 + patch */
 #define FASTIS_VERSION \
@@ -76,7 +76,7 @@ typedef struct CUstream_st* fastis_stream_t;
 
 /* FASTIS_VERSION of the library actually loaded (compare with the header's). */
 FASTIS_API int32_t fastis_version(void);
-/* "0.1.0" */
+/* "0.2.0" */
 FASTIS_API const char* fastis_version_string(void);
 /* 1 when the library was built with its CUDA kernels, else 0. */
 FASTIS_API int32_t fastis_has_cuda(void);
@@ -124,6 +124,14 @@ FASTIS_API fastis_status fastis_softmax_xent_cpu(const fastis_xent_args* args,
                                                  int32_t num_threads);
 FASTIS_API fastis_status fastis_softmax_xent_cuda(const fastis_xent_args* args,
                                                   fastis_stream_t stream);
+/*
+ * fastis_softmax_xent_cpu, which also writes to *out_of_range (when not NULL) the number of
+ * rows whose class index is outside [0, C) and not ignore_index (0 for soft targets): a
+ * caller's range check on the read the kernel makes anyway. (Since 0.2.)
+ */
+FASTIS_API fastis_status fastis_softmax_xent_cpu_count(const fastis_xent_args* args,
+                                                       int32_t num_threads,
+                                                       int64_t* out_of_range);
 
 /*
  * The backward of a sum of scaled rows: grad[b, t, :] *= scale[r * scale_stride] in place,

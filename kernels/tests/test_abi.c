@@ -90,7 +90,7 @@ static void expect_xent(const fastis_xent_args* a, fastis_status want, int line)
 
 static void test_queries(void) {
   EXPECT(fastis_version() == FASTIS_VERSION);
-  EXPECT(strcmp(fastis_version_string(), "0.1.0") == 0);
+  EXPECT(strcmp(fastis_version_string(), "0.2.0") == 0);
   EXPECT(strcmp(fastis_status_string(FASTIS_OK), "FASTIS_OK") == 0);
   for (int s = 1; s <= FASTIS_ERR_INTERNAL; ++s)
     EXPECT(strncmp(fastis_status_string(s), "FASTIS_ERR_", 11) == 0);

@@ -4,6 +4,7 @@
 // and the alias table's implied distribution.
 #include <math.h>
 #include <stdio.h>
+#include <string.h>
 
 #include <cstdint>
 #include <vector>
@@ -11,6 +12,7 @@
 #include "fastis.h"
 #include "numeric.hpp"
 #include "philox.hpp"
+#include "vec.hpp"
 
 static int failures = 0;
 
@@ -196,6 +198,89 @@ static void test_building_blocks() {
          w.r[3] == 0x9b00dbd8u);
 }
 
+// The 8-lane exp / log against float64 (lanes of one vector at once, specials included) and
+// against the scalar functions they mirror.
+static void test_vector_blocks() {
+  using fastis::V8;
+  for (double x0 = -87; x0 + 7 * 0.173 < 88; x0 += 8 * 0.173) {
+    V8 v;
+    for (int l = 0; l < 8; ++l) v[l] = static_cast<float>(x0 + 0.173 * l);
+    const V8 e = fastis::vexp(v);
+    for (int l = 0; l < 8; ++l) {
+      EXPECT(close(e[l], exp(static_cast<double>(v[l])), 3e-7));
+      EXPECT(fabs(e[l] - fastis::vexp(v[l])) <= 2.5e-7f * e[l]);
+    }
+  }
+  const V8 sp = {-INFINITY, NAN, 0.0f, 1000.0f, -87.5f, 88.5f, -1e30f, 1e-30f};
+  const V8 e = fastis::vexp(sp);
+  EXPECT(e[0] == 0.0f && isnan(e[1]) && e[2] == 1.0f && e[3] == INFINITY);
+  EXPECT(e[4] == 0.0f && e[5] == INFINITY && e[6] == 0.0f && e[7] == 1.0f);
+  for (double x0 = 1.2e-38; x0 < 1e38; x0 *= 1.37 * 1.37 * 1.37 * 1.37) {
+    V8 v;
+    for (int l = 0; l < 8; ++l) v[l] = static_cast<float>(x0 * pow(1.37, l));
+    const V8 lg = fastis::vlog(v);
+    for (int l = 0; l < 8; ++l) {
+      const double want = log(static_cast<double>(v[l]));
+      EXPECT(fabs(lg[l] - want) <= 2e-7 * (1 + fabs(want)));
+    }
+  }
+  const V8 lsp = {0.0f, INFINITY, NAN, -1.0f, 1.0f, 2.0f, 1e-7f, 0.5f};
+  const V8 lg = fastis::vlog(lsp), l1p = fastis::vlog1p(lsp);
+  EXPECT(lg[0] == -INFINITY && lg[1] == INFINITY && isnan(lg[2]) && isnan(lg[3]));
+  EXPECT(lg[4] == 0.0f && close(lg[5], log(2.0), 2e-7));
+  EXPECT(l1p[0] == 0.0f && close(l1p[6], log1p(1e-7), 2e-7) && close(l1p[7], log1p(0.5), 2e-7));
+  // 16 lanes: lane for lane the 8-lane results (the same operations)
+  fastis::V16 w;
+  for (int l = 0; l < 16; ++l) w[l] = l < 8 ? sp[l] : lsp[l - 8];
+  const fastis::V16 ew = fastis::vexp(w), lw = fastis::vlog(w), l1w = fastis::vlog1p(w);
+  for (int l = 0; l < 8; ++l) {
+    EXPECT(memcmp(&ew[l], &e[l], 4) == 0);
+    EXPECT(memcmp(&lw[l + 8], &lg[l], 4) == 0 && memcmp(&l1w[l + 8], &l1p[l], 4) == 0);
+  }
+}
+
+// fastis_softmax_xent_cpu_count: rows whose class index is outside [0, C) and not
+// ignore_index, on the narrow (C = 5) and the row-wise (C = 100) paths, on several threads.
+static void test_out_of_range_count() {
+  for (int64_t C : {5, 100}) {
+    const int64_t rows = 40;
+    std::vector<float> z(rows * C), loss(rows), score(rows);
+    for (int64_t i = 0; i < rows * C; ++i) z[i] = static_cast<float>(cos(0.7 * i));
+    std::vector<int32_t> y(rows);
+    for (int64_t r = 0; r < rows; ++r) y[r] = static_cast<int32_t>(r % C);
+    y[3] = -1, y[17] = static_cast<int32_t>(C), y[39] = -100, y[20] = 1 << 30;  // 3 bad
+    fastis_xent_args a = args_for(rows, C, z.data(), FASTIS_FLOAT32, y.data(), FASTIS_INT32,
+                                  loss.data(), score.data());
+    int64_t bad = -1;
+    EXPECT(fastis_softmax_xent_cpu_count(&a, 3, &bad) == FASTIS_OK && bad == 3);
+    EXPECT(isnan(loss[3]) && isnan(loss[17]) && isnan(loss[20]) && loss[39] == 0.0f);
+    a.ignore_index = -1;  // now row 3 is ignored, row 39 (-100) out of range
+    EXPECT(fastis_softmax_xent_cpu_count(&a, 1, &bad) == FASTIS_OK && bad == 3);
+    EXPECT(fastis_softmax_xent_cpu_count(&a, 1, nullptr) == FASTIS_OK);
+    EXPECT(fastis_softmax_xent_cpu_count(nullptr, 1, &bad) == FASTIS_ERR_NULL_POINTER);
+  }
+}
+
+// Draws (in batches inside the library) equal the one-draw formula of philox.hpp, across a
+// partial last batch, an offset and several threads.
+static void test_alias_draws_are_the_formula() {
+  const int64_t N = 37, count = 200;
+  std::vector<double> w(N), prob(N), probs(N);
+  for (int64_t i = 0; i < N; ++i) w[i] = 1.0 + (i % 5);
+  std::vector<int32_t> alias(N);
+  EXPECT(fastis_alias_build_cpu(N, w.data(), FASTIS_FLOAT64, 1, prob.data(), alias.data(),
+                                FASTIS_INT32, probs.data()) == FASTIS_OK);
+  std::vector<int64_t> out(count);
+  const uint64_t seed = 0x123456789abcdefull, offset = (1ull << 32) - 70;  // counter carries
+  EXPECT(fastis_alias_draw_cpu(N, prob.data(), alias.data(), FASTIS_INT32, count, seed, offset,
+                               out.data(), 3) == FASTIS_OK);
+  for (int64_t k = 0; k < count; ++k) {
+    const fastis::Philox4 r = fastis::philox4x32_10(seed, offset + static_cast<uint64_t>(k));
+    const int64_t b = fastis::alias_bucket(r, N);
+    EXPECT(out[k] == (fastis::alias_coin(r) < prob[b] ? b : alias[b]));
+  }
+}
+
 // Implied distribution of a table: prob[i] / N + sum over buckets aliasing i of (1 - prob) / N.
 static void test_alias_exact() {
   for (int64_t n : {1, 2, 7, 1000, 4097}) {
@@ -251,11 +336,16 @@ int main() {
   test_hard(7, 0.1);
   test_hard(300, 0.0);
   test_hard(300, 0.25);
+  test_hard(33, 0.0);  // the float32 row path: a partial last vector, the target in it
+  test_hard(1001, 0.0);
   test_special_rows();
   test_soft();
   test_inplace_bf16();
   test_building_blocks();
+  test_vector_blocks();
+  test_out_of_range_count();
   test_alias_exact();
+  test_alias_draws_are_the_formula();
   test_alias_mean_filled();
   if (failures) fprintf(stderr, "%d failure(s)\n", failures);
   else printf("test_cpu_kernels: all passed\n");
