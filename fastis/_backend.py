@@ -21,6 +21,8 @@ import os
 
 import torch
 
+from fastis import _native
+
 BACKENDS = ("auto", "torch", "triton", "native")
 
 # the logits dtypes ``auto`` sends to the native library on the CPU (float32 accumulation,
@@ -40,14 +42,15 @@ def interpreting() -> bool:
 def kernel_backend(tensor: torch.Tensor) -> str:
     """``"triton"``, ``"native"`` or ``"torch"``: the implementation for a call on ``tensor``
     (its device decides, with ``FASTIS_BACKEND``)."""
-    mode = os.environ.get("FASTIS_BACKEND", "auto").lower()
+    mode = os.environ.get("FASTIS_BACKEND")
+    if mode is None and tensor.device.type == "cpu":  # the common case, read first
+        return "native" if _native_auto(tensor) else "torch"
+    mode = "auto" if mode is None else mode.lower()
     if mode not in BACKENDS:
         raise ValueError(f"FASTIS_BACKEND must be one of {BACKENDS}, got {mode!r}")
     if mode == "torch":
         return "torch"
     if mode == "native":
-        from fastis import _native
-
         if not _native.available():
             raise RuntimeError(
                 "FASTIS_BACKEND=native but the native library is not built "
@@ -78,6 +81,4 @@ def _native_auto(tensor: torch.Tensor) -> bool:
     loads (the first call that asks loads it, and warns once if it cannot)."""
     if tensor.device.type != "cpu" or tensor.dtype not in NATIVE_AUTO_DTYPES:
         return False
-    from fastis import _native
-
     return _native.available()

@@ -1,9 +1,11 @@
 """``fastis.cross_entropy``: importance-weighted cross-entropy with the score for free.
 
 Runs the op ``fastis::softmax_xent`` and its backward ``fastis::softmax_xent_grad``
-(``fastis.ops``; ``fastis::softmax_xent_`` in the in-place mode): the Triton kernels
-(``fastis._triton.softmax_xent``) for CUDA tensors, the plain-torch path
-(``fastis.reference``) elsewhere and for float64.
+(``fastis.ops``): the Triton kernels (``fastis._triton.softmax_xent``) for CUDA tensors,
+the native library (``fastis._native``) or the plain-torch path (``fastis.reference``) on
+the CPU, the torch path for float64. The in-place mode, and float32 CPU logits on the
+native library in eager mode, form the gradient in the forward call instead
+(``fastis.grad_in_forward``).
 """
 
 import math
@@ -13,7 +15,8 @@ import torch
 from fastis._checks import bool_arg, check_logits_target, check_rows, index_arg
 from fastis.class_weight import apply_class_weight, check_class_weight
 from fastis.constants import IGNORE_INDEX, REDUCTIONS
-from fastis.ops import InplaceSoftmaxXent, count_rows, softmax_xent_autograd
+from fastis.grad_in_forward import GradInForward, grads_in_forward
+from fastis.ops import count_rows, softmax_xent_autograd
 from fastis.score import sequence_norm, unsqueeze_unbatched
 
 
@@ -117,10 +120,12 @@ def cross_entropy(
             row_weight = factor if row_weight is None else row_weight * factor
     else:  # a mean's count, out of place: after the op, which may read the class indices
         count = count_rows(target, logits, ignore_index) if inplace else None
-    if inplace:
-        check_inplace(logits)
-        loss, score = InplaceSoftmaxXent.apply(
-            logits, target, row_weight, reduction, ignore_index, eps, count, reduce_rows
+    kernels = None if inplace or ignored is not None else grads_in_forward(logits, target)
+    if inplace or kernels is not None:
+        if inplace:
+            check_inplace(logits)
+        loss, score = GradInForward.apply(
+            logits, target, row_weight, reduction, ignore_index, eps, count, reduce_rows, kernels
         )
     else:
         loss, score, clean = softmax_xent_autograd(logits, target, ignore_index, eps, return_score)
@@ -145,13 +150,18 @@ def cross_entropy(
 def reduce_rows(row_loss, weight, reduction, count):
     """Per-row losses times their weights, then ``'sum'`` / ``'mean'`` (over ``count``, a
     tensor or a Python number)."""
-    if weight is not None:
-        row_loss = row_loss * weight
+    if reduction == "none":
+        return row_loss if weight is None else row_loss * weight
+    if weight is None:
+        total = row_loss.sum()
+    elif row_loss.dim() == weight.dim() == 1:
+        total = torch.dot(row_loss, weight)  # one op for the product and the sum
+    else:
+        total = (row_loss * weight).sum()
     if reduction == "sum":
-        return row_loss.sum()
-    if reduction == "mean":
-        return row_loss.sum() / count
-    return row_loss
+        return total
+    # a product with 1 / n when n is a Python number (a division by one costs more ops)
+    return total / count if isinstance(count, torch.Tensor) else total * (1.0 / count)
 
 
 def check_inplace(logits: torch.Tensor) -> None:

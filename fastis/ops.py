@@ -16,9 +16,8 @@ float64 stays float64 all the way.
   logits, one write of the gradient, nothing kept between forward and backward but the
   logits). It is differentiable in turn (double backward, e.g. gradient penalties) through
   the Hessian-vector formula in ``_grad_backward``, in torch ops.
-- ``softmax_xent_`` and ``scale_rows_``: the in-place mode (the gradient written over the
-  logits in forward, rescaled in backward). Mutating ops cannot carry an autograd formula,
-  so ``InplaceSoftmaxXent`` holds theirs.
+- the in-place ops ``softmax_xent_`` and ``scale_rows_`` live in ``fastis.grad_in_forward``
+  with the ``autograd.Function`` that forms the gradient in forward.
 
 ``softmax_xent_autograd`` is what ``cross_entropy`` calls: the op itself while
 ``torch.compile`` traces, and in eager mode an ``autograd.Function`` with the very same
@@ -35,11 +34,11 @@ from fastis import reference
 from fastis._backend import kernel_backend
 
 
-def _out_dtype(logits: torch.Tensor) -> torch.dtype:
+def out_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def _kernels(logits: torch.Tensor):
+def kernels_for(logits: torch.Tensor):
     """The one backend decision of a call: the module whose ``softmax_xent`` /
     ``scale_rows_`` launchers run it (Triton's or the native library's), or None for the
     torch path (float64 and C = 0 always take it on the Triton backend)."""
@@ -58,7 +57,7 @@ def _kernels(logits: torch.Tensor):
     return None
 
 
-def _check_values(logits: torch.Tensor, target: torch.Tensor, ignore_index: int):
+def check_values(logits: torch.Tensor, target: torch.Tensor, ignore_index: int):
     """Raises for class indices out of range. Returns None when nothing was read, else
     whether every index is in ``[0, C)`` and none is ``ignore_index`` (the torch path then
     skips its per-row masks). Reads the values of CPU tensors only (on CUDA it would
@@ -68,7 +67,7 @@ def _check_values(logits: torch.Tensor, target: torch.Tensor, ignore_index: int)
     return None
 
 
-def _row_scale(scale: torch.Tensor, kernels) -> torch.Tensor:
+def row_scale(scale: torch.Tensor, kernels) -> torch.Tensor:
     """A per-row factor as the launchers take it: flat; float32 for Triton (the native
     library converts it itself, keeping float64 for float64 logits)."""
     scale = scale.reshape(-1)
@@ -113,8 +112,8 @@ def _torch_softmax_xent(
 
 @softmax_xent.register_kernel(("cpu", "cuda"))
 def _softmax_xent_kernel(logits, target, ignore_index, label_smoothing, compute_score):
-    clean = _check_values(logits, target, ignore_index)
-    kernels = _kernels(logits)
+    clean = check_values(logits, target, ignore_index)
+    kernels = kernels_for(logits)
     if kernels is None:
         return _torch_softmax_xent(
             logits, target, ignore_index, label_smoothing, compute_score, clean
@@ -127,7 +126,7 @@ def _softmax_xent_kernel(logits, target, ignore_index, label_smoothing, compute_
 
 @softmax_xent.register_fake
 def _(logits, target, ignore_index, label_smoothing, compute_score):
-    loss = logits.new_empty(logits.shape[:-1], dtype=_out_dtype(logits))
+    loss = logits.new_empty(logits.shape[:-1], dtype=out_dtype(logits))
     return loss, torch.empty_like(loss) if compute_score else loss.new_empty(0)
 
 
@@ -151,7 +150,7 @@ def _backward(ctx, grad_loss, grad_score):
         )
         grad_logits = grad_fn(logits, target, ignore_index, eps, grad_loss)
     if ctx.needs_input_grad[1]:  # soft targets: dloss / dt_j = -(1 - eps) log p_j
-        log_p = torch.log_softmax(logits.to(_out_dtype(logits)), -1)
+        log_p = torch.log_softmax(logits.to(out_dtype(logits)), -1)
         grad_target = (-(1.0 - eps) * log_p * grad_loss[..., None]).to(target.dtype)
     return grad_logits, grad_target, None, None, None
 
@@ -184,7 +183,7 @@ def _torch_softmax_xent_grad(logits, target, ignore_index, label_smoothing, grad
 
 @softmax_xent_grad.register_kernel(("cpu", "cuda"))
 def _softmax_xent_grad_kernel(logits, target, ignore_index, label_smoothing, grad_loss):
-    kernels = _kernels(logits)
+    kernels = kernels_for(logits)
     if kernels is None:
         return _torch_softmax_xent_grad(logits, target, ignore_index, label_smoothing, grad_loss)
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
@@ -194,7 +193,7 @@ def _softmax_xent_grad_kernel(logits, target, ignore_index, label_smoothing, gra
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
         grad=grad,
-        grad_scale=_row_scale(grad_loss, kernels),
+        grad_scale=row_scale(grad_loss, kernels),
     )
     return grad
 
@@ -254,18 +253,22 @@ def _direct(tensor, op, kernel):
     return kernel if eager else op
 
 
-class _SoftmaxXent(torch.autograd.Function):
+class EagerFunction(torch.autograd.Function):
+    """An ``autograd.Function`` whose ``apply`` takes positional arguments only."""
+
     @classmethod
     def apply(cls, *args):
         # autograd.Function.apply binds the arguments to forward's signature on every call
-        # (inspect.signature: about 0.2 ms, a twentieth of the demo's step). With five
-        # positional arguments and no defaults that binding changes nothing, so it is
-        # skipped unless a torch.func transform needs the full path.
+        # (inspect.signature: about 0.2 ms, a twentieth of the demo's step). With positional
+        # arguments and no defaults that binding changes nothing, so it is skipped unless a
+        # torch.func transform needs the full path.
         if torch._C._are_functorch_transforms_active():
             return super().apply(*args)
         args = torch._functorch.utils.unwrap_dead_wrappers(args)
         return super(torch.autograd.Function, cls).apply(*args)
 
+
+class _SoftmaxXent(EagerFunction):
     @staticmethod
     def forward(logits, target, ignore_index, label_smoothing, compute_score):
         run = _direct(logits, softmax_xent, _softmax_xent_kernel)
@@ -319,14 +322,14 @@ def softmax_xent_autograd(
         and logits.device.type == "cpu"
         and logits.shape[-1] > 0
         and _current_dispatch_mode() is None
-        and _kernels(logits) is None
+        and kernels_for(logits) is None
     )
     if not eager_cpu:
         loss, score = _SoftmaxXent.apply(
             logits, target, ignore_index, label_smoothing, compute_score
         )
         return loss, score, None
-    clean = _check_values(logits, target, ignore_index)
+    clean = check_values(logits, target, ignore_index)
     if compute_score and not label_smoothing and clean is not None:
         # checked class indices (out of range raised): one log_softmax for both
         loss, score = reference.cross_entropy_score_rows(
@@ -353,148 +356,12 @@ def softmax_xent_autograd(
 
 
 # --------------------------------------------------------------------------------------
-# the in-place mode
-
-
-@torch.library.custom_op("fastis::softmax_xent_", mutates_args=("logits",))
-def softmax_xent_(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    ignore_index: int,
-    label_smoothing: float,
-    grad_scale: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``softmax_xent`` with the scaled gradient written over ``logits``; ``(loss, score)``."""
-    return _torch_softmax_xent_(logits, target, ignore_index, label_smoothing, grad_scale)
-
-
-def _torch_softmax_xent_(
-    logits, target, ignore_index, label_smoothing, grad_scale, clean: bool | None = None
-):
-    score = None
-    if clean is not None and not label_smoothing and logits.shape[-1]:  # fastis.score's
-        score = reference.score_rows(logits, target, ignore_index=ignore_index, clean=clean)
-    loss, first_score, grad = reference.softmax_xent(
-        logits,
-        target,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        compute_grad=True,
-        grad_scale=grad_scale,
-    )
-    logits.copy_(grad)
-    return loss, first_score if score is None else score
-
-
-@softmax_xent_.register_kernel(("cpu", "cuda"))
-def _(logits, target, ignore_index, label_smoothing, grad_scale):
-    clean = _check_values(logits, target, ignore_index)
-    kernels = _kernels(logits)
-    if kernels is None:
-        return _torch_softmax_xent_(
-            logits, target, ignore_index, label_smoothing, grad_scale, clean
-        )
-    return kernels.softmax_xent(
-        logits,
-        target,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        grad=logits,
-        grad_scale=_row_scale(grad_scale, kernels),
-    )
-
-
-@softmax_xent_.register_fake
-def _(logits, target, ignore_index, label_smoothing, grad_scale):
-    loss = logits.new_empty(logits.shape[:-1], dtype=_out_dtype(logits))
-    return loss, torch.empty_like(loss)
-
-
-@torch.library.custom_op("fastis::scale_rows_", mutates_args=("grad",))
-def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
-    """``grad[r] *= scale[r]`` in place (``scale`` per row, or one scalar)."""
-    _torch_scale_rows_(grad, scale)
-
-
-def _torch_scale_rows_(grad, scale):
-    factor = scale.to(_out_dtype(grad)).reshape(() if scale.numel() == 1 else grad.shape[:-1])
-    grad.copy_(grad.to(factor.dtype) * (factor[..., None] if factor.dim() else factor))
-
-
-@scale_rows_.register_kernel(("cpu", "cuda"))
-def _(grad, scale):
-    kernels = _kernels(grad)
-    if kernels is None:
-        return _torch_scale_rows_(grad, scale)
-    # rows whose factor is exactly 1 are left untouched, decided on the device
-    kernels.scale_rows_(grad, scale)
-
-
-@scale_rows_.register_fake
-def _(grad, scale):
-    return None
-
-
-class InplaceSoftmaxXent(torch.autograd.Function):
-    """``cross_entropy(..., inplace=True)``: the gradient, scaled by each row's factor in
-    the reduction (``w_i``, and ``1 / n`` for a mean), is written over the logits in
-    forward; backward only rescales it by the incoming gradient (nothing when that is 1)."""
-
-    @staticmethod
-    def forward(
-        ctx, logits, target, weight, reduction, ignore_index, label_smoothing, count, reduce
-    ):
-        factor = torch.ones(logits.shape[:-1], dtype=_out_dtype(logits), device=logits.device)
-        if weight is not None:
-            factor = factor * weight
-        if reduction == "mean":
-            factor = factor / count
-        row_loss, score = softmax_xent_(logits, target, ignore_index, label_smoothing, factor)
-        loss = reduce(row_loss, weight, reduction, count)
-        # Not mark_dirty: logits are often views (a [B, T, C] matmul output), which autograd
-        # cannot rebase for a multi-output Function. The op bumps their version counter, so
-        # any other op that saved them for backward raises there instead of going wrong.
-        ctx.save_for_backward(logits, row_loss, count)
-        ctx.reduction, ctx.consumed = reduction, False
-        # a per-sequence weight [B, 1] collects its tokens' gradients
-        ctx.per_sequence = weight is not None and weight.dim() == 2 and weight.shape[1] == 1
-        ctx.mark_non_differentiable(score)
-        return loss, score
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_score):
-        if ctx.consumed:
-            raise RuntimeError(
-                "fastis.cross_entropy(..., inplace=True) was backpropagated twice: its "
-                "gradient lives in the logits' memory and is consumed by the first backward; "
-                "use inplace=False to retain the graph"
-            )
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "fastis.cross_entropy(..., inplace=True) does not support double backward "
-                "(create_graph=True): its gradient is precomputed in the forward pass; use "
-                "inplace=False"
-            )
-        ctx.consumed = True
-        grad, row_loss, count = ctx.saved_tensors
-        grad_weight = None
-        if ctx.needs_input_grad[2]:
-            grad_weight = row_loss * grad_loss
-            if ctx.reduction == "mean":
-                grad_weight = grad_weight / count
-            if ctx.per_sequence:
-                grad_weight = grad_weight.sum(1, keepdim=True)
-        scale_rows_(grad, grad_loss)
-        return grad, None, grad_weight, None, None, None, None, None
-
-
-# --------------------------------------------------------------------------------------
 # helpers
 
 
 def count_rows(target: torch.Tensor, logits: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Number of rows (tokens) that count in a mean, as a tensor (no synchronisation)."""
-    dtype = _out_dtype(logits)
+    dtype = out_dtype(logits)
     if target.is_floating_point():
         # a fill, not a host-to-device copy: stays capturable in a CUDA graph
         return torch.full((), float(logits.shape[:-1].numel()), dtype=dtype, device=logits.device)

@@ -119,7 +119,8 @@ def score_rows(
     y = (t if clean else torch.where((t >= 0) & (t < C), t, 0)).long()[:, None]
     if log_probs is None:
         log_probs = torch.log_softmax(logits.reshape(-1, C).to(out), -1)
-    p = log_probs.to(torch.float64).exp_()
+    # a copy even for float64 (log_probs may be the loss's, saved for its backward)
+    p = log_probs.to(torch.float64, copy=True).exp_()
     # p with the target entry zeroed: its sum is 1 - p_y, its norm that of the others
     p = p.scatter_(1, y, 0.0)
     score = torch.hypot(p.sum(-1), torch.linalg.vector_norm(p, dim=-1)).to(out)
