@@ -253,16 +253,27 @@ def cdf(weights: torch.Tensor) -> torch.Tensor:
     return _scan(weights, torch.float64)
 
 
-def sample_cdf(c: torch.Tensor, size: int, generator: torch.Generator | None) -> torch.Tensor:
+def last(c: torch.Tensor) -> torch.Tensor:
+    """``c[..., -1:]``, the totals of a ``cdf`` (a view; ``narrow`` costs a fraction of the
+    indexing expression's parsing, which matters for the small draws of a training step)."""
+    return c.narrow(-1, c.shape[-1] - 1, 1)
+
+
+def sample_cdf(
+    c: torch.Tensor,
+    size: int,
+    generator: torch.Generator | None,
+    total: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One-shot inverse-CDF draw from a ``cdf``: int64 ``[..., size]``, one search each.
 
     Item ``k`` is drawn when ``C_{k-1} <= u C_{N-1} < C_k`` (``u`` float64 uniform on
     ``[0, 1)``, 53 bits), so weight-0 items never are; a target rounded up past the last
-    bucket goes to the last positive item.
+    bucket goes to the last positive item. ``total``: ``last(c)``, when the caller has it.
     """
     shape = (*c.shape[:-1], size)
     u = torch.rand(shape, dtype=torch.float64, device=c.device, generator=generator)
-    total = c[..., -1:].contiguous()
+    total = (last(c) if total is None else total).contiguous()
     idx = torch.searchsorted(c, u.mul_(total), right=True)
     last_positive = torch.searchsorted(c, total, right=False)
     return torch.minimum(idx, last_positive)

@@ -407,25 +407,36 @@ def sample(
     n = _draws_arg(n, weights.shape[0] if weights.dim() == 2 else 1)
     _check_generator(generator, weights.device)
     w = weights.detach()
+    # values are checked off CUDA only (a check would synchronise)
+    idx, p = sample_unchecked(w, n, generator, check=not w.is_cuda)
+    return (idx, p.to(_probs_dtype(w.dtype))) if return_probs else idx
+
+
+def sample_unchecked(w: torch.Tensor, n: int, generator, *, check: bool):
+    """``sample(w, n, generator=generator, return_probs=True)`` without its argument
+    checks (``w`` detached, ``n`` a valid count, ``generator`` on ``w``'s device: the
+    caller's to ensure) and with the value check only when ``check``; ``p`` is float64
+    where the table or the inverse CDF drew, in ``_probs_dtype`` where the fused kernel
+    did. The same method, the same random numbers and the same indices as ``sample``.
+
+    For a caller that has already validated its weights (``ImportanceSampler``'s draw
+    checks its scores for the fallback, and substitutes uniform weights for bad ones):
+    the checks are a dozen small operations, about as many as the draw itself."""
     num = w.shape[-1]
-    check = not w.is_cuda  # values are checked off CUDA only (a check would synchronise)
     triton = _triton_for(w)
     method = _method(triton, num, n)
     if method == "fused":
         if check:
             _check_values(w)
-        idx, p = _triton_alias().sample_icdf(w, n, generator, _probs_dtype(w.dtype))
-        return (idx, p) if return_probs else idx
+        return _triton_alias().sample_icdf(w, n, generator, _probs_dtype(w.dtype))
     if method == "table":
         if check:
             _check_values(w)
         table = AliasTable._from_parts(*_builder(w)(w))
-        idx, p = table.sample(n, generator=generator, return_probs=True)
-    else:
-        c = _alias_torch.cdf(w)
-        total = c[..., -1:]
-        if check:
-            _check_values(w, total=total.squeeze(-1))
-        idx = _alias_torch.sample_cdf(c, n, generator)
-        p = w.gather(-1, idx).double() / total
-    return (idx, p.to(_probs_dtype(w.dtype))) if return_probs else idx
+        return table.sample(n, generator=generator, return_probs=True)
+    c = _alias_torch.cdf(w)
+    total = _alias_torch.last(c)
+    if check:
+        _check_values(w, total=total.squeeze(-1))
+    idx = _alias_torch.sample_cdf(c, n, generator, total)
+    return idx, w.gather(-1, idx).double() / total

@@ -2,8 +2,8 @@
 Fleuret, ICML 2018) and ``HistorySampler`` (stale scores, no extra forward pass).
 
 Both are ``torch.utils.data.Sampler`` s of index lists, usable as a ``DataLoader``'s
-``batch_sampler`` or iterated directly in a hand-written loop, and share one per-step
-protocol::
+``batch_sampler`` or iterated directly in a hand-written loop (``index_tensors(device)``
+yields the same batches as int64 tensors), and share one per-step protocol::
 
     for idx in sampler:                                  # a list of indices
         x, y = X[idx], Y[idx]                            # or a DataLoader's batch

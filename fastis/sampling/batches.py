@@ -46,6 +46,8 @@ def first_tensor(obj) -> torch.Tensor | None:
 
 def num_rows(obj) -> int:
     """The leading size of ``obj``'s first tensor: the number of rows of the batch."""
+    if isinstance(obj, torch.Tensor) and obj.dim():  # the common case, without the walk
+        return obj.shape[0]
     t = first_tensor(obj)
     if t is None:
         raise TypeError(
@@ -65,6 +67,8 @@ def device_of(obj) -> torch.device:
 
 def take_rows(obj, pos: torch.Tensor):
     """Rows ``pos`` (int64 ``[n]``) of every tensor in ``obj``, moved to each one's device."""
+    if isinstance(obj, torch.Tensor) and obj.device == pos.device:  # the common case
+        return obj.index_select(0, pos)
     return map_tensors(lambda t: t.index_select(0, pos.to(t.device, non_blocking=True)), obj)
 
 

@@ -40,8 +40,9 @@ def dataset_size(data_source) -> int:
     return n
 
 
-def check_scores(scores, n: int, who: str) -> torch.Tensor:
-    """``scores`` detached, after checking it is a floating tensor of shape ``[n]``."""
+def check_scores(scores, n: int, who: str, *, detach: bool = True) -> torch.Tensor:
+    """``scores`` (detached unless ``detach=False``), after checking it is a floating
+    tensor of shape ``[n]``."""
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"{who} must be a tensor of [{n}] scores, got {type(scores).__name__}")
     if not scores.is_floating_point():
@@ -50,7 +51,7 @@ def check_scores(scores, n: int, who: str) -> torch.Tensor:
         raise ValueError(
             f"{who} must have shape ({n},), one score per row, got {tuple(scores.shape)}"
         )
-    return scores.detach()
+    return scores.detach() if detach else scores
 
 
 # --------------------------------------------------------------------------------------

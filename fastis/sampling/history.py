@@ -30,15 +30,16 @@ _DRAWS = 3  # derive_seed key of the draw generator
 
 @dataclass
 class HistoryBatch(Batch):
-    """A yielded batch of ``HistorySampler``: ``local``, the drawn positions in the shard
-    (int64 ``[b]``), and their importance weights ``1 / (N p)`` (float32 ``[b]``, CPU)."""
+    """A yielded batch of ``HistorySampler``: ``index``, the data set indices of ``local``,
+    the drawn positions in the shard (int64 ``[b]``), and their importance weights
+    ``1 / (N p)`` (float32 ``[b]``, CPU)."""
 
     local: torch.Tensor | None = None
     weights: torch.Tensor | None = None
 
     def state(self) -> dict:
         return {
-            "indices": list(self.indices),
+            "indices": self.index.tolist(),
             "local": self.local.tolist(),
             "weights": self.weights.clone(),
         }
@@ -201,13 +202,13 @@ class HistorySampler(BatchStream):
         self._draws += 1
         local, p = self._table.sample(self.batch_size, generator=self._gen, return_probs=True)
         w = (1.0 / (self.shard_size * p)).float()
-        return HistoryBatch(self._shard[local].tolist(), local, w)
+        return HistoryBatch.of(self._shard[local], local=local, weights=w)
 
     def _batch_from_state(self, b) -> HistoryBatch:
         local = indices_from_state(b, "local", (self.batch_size,), self.shard_size)
         local = torch.tensor(local, dtype=torch.int64)
-        idx = self._shard[local].tolist()
-        if b.get("indices") != idx:
+        idx = self._shard[local]
+        if b.get("indices") != idx.tolist():
             raise ValueError(
                 "state_dict['pending'] entry's 'indices' do not match its 'local' "
                 "positions in this shard"
@@ -215,7 +216,7 @@ class HistorySampler(BatchStream):
         w = state_tensor(b, "weights", (self.batch_size,), torch.float32)
         if not bool((w > 0).all()):
             raise ValueError("state_dict['pending'] weights must be positive")
-        return HistoryBatch(idx, local, w)
+        return HistoryBatch.of(idx, local=local, weights=w)
 
     # -- per step -------------------------------------------------------------------------
 
@@ -226,12 +227,13 @@ class HistorySampler(BatchStream):
         batch = self._peek(inputs, targets)
         dev = device_of(targets if targets is not None else inputs)
         w = batch.weights
-        self._commit(len(batch.indices))
+        self._commit(batch.size)
         self._weight_sum += float(w.double().sum())
         self._weight_count += w.shape[0]
         self._weight_max = max(self._weight_max, float(w.max()))
         self._local = batch.local
-        self.last_indices = torch.as_tensor(batch.indices).to(dev, non_blocking=True)
+        # the batch's own tensor: nothing of the sampler's refers to it once selected
+        self.last_indices = batch.index.to(dev, non_blocking=True)
         return inputs, targets, w.to(dev, non_blocking=True)
 
     def update(self, scores: torch.Tensor) -> None:

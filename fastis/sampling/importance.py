@@ -4,10 +4,11 @@ from collections.abc import Callable
 
 import torch
 
+from fastis._backend import use_triton
 from fastis._checks import float_arg, int_arg
 from fastis.sampling.batches import device_of, take_rows
 from fastis.sampling.checks import check_header, state_int
-from fastis.sampling.draw import PresampleDraw, score_presample, score_summary
+from fastis.sampling.draw import PresampleDraw, score_presample
 from fastis.sampling.measured import MeasuredSwitch
 from fastis.sampling.noise import constant_noise_rows, noise_args
 from fastis.sampling.reuse import PresampleBatch, PresampleReuse
@@ -17,7 +18,7 @@ from fastis.sampling.stream import (
     Permutations,
     derive_seed,
 )
-from fastis.sampling.switch import SmoothedTau, default_tau_th, tau_from_sum
+from fastis.sampling.switch import SmoothedTau, default_tau_th
 from fastis.score import score as default_score
 
 _PERMUTATION, _DRAWS = 1, 2  # derive_seed keys of the two streams
@@ -56,7 +57,15 @@ class ImportanceSampler(BatchStream):
     Synchronisation: the on/off decision reads ``tau`` on the host once per yielded batch
     (waiting, on CUDA, only for the work queued up to the last update; see
     ``SmoothedTau``). Nothing else in ``select``/``update`` synchronises: counters stay on
-    the device until ``stats()``.
+    the device until ``stats()``. (CPU scores, one process: the presample's validity,
+    ``tau_new`` and the weight counters are computed on the host from one read of the
+    ``B`` scores, which costs less there than the dozen small tensor operations it
+    replaces; the draw itself is the same.) The smoothing itself runs on the host: an off step's
+    ``update`` only reads the ``b`` scores (on CUDA: an asynchronous copy to pinned
+    memory), and the next decision folds them into ``tau``, so ``tau`` is exactly the
+    per-step recursion above whenever it is read, and an off step costs the sampler a
+    handful of tensor operations (``index_tensors`` below: one; ``select``: one;
+    ``update``: one).
 
     ``DataLoader`` with ``num_workers > 0``: the loader draws indices ahead of training
     (``num_workers * prefetch_factor`` batches), so a batch's mode is decided from ``tau``
@@ -99,7 +108,8 @@ class ImportanceSampler(BatchStream):
             baseline).
         chunk_size: score the presample this many rows at a time (default: all at once).
         eval_scoring: score an ``nn.Module`` in eval mode (no dropout, no BatchNorm
-            statistics update), restoring its mode after (default True).
+            statistics update), restoring each submodule's own mode after (one frozen in
+            eval mode stays so; default True).
         inference_mode: score under ``torch.inference_mode`` (default True: no autograd
             bookkeeping at all); False scores under ``torch.no_grad``, for models that
             cache tensors during a forward pass (e.g. lazily built tables), which would
@@ -140,11 +150,17 @@ class ImportanceSampler(BatchStream):
         tau, tau_th, is_active: the switch (``tau`` and ``is_active`` read the device).
         steps, steps_importance, steps_uniform: selected batches, in all and per mode.
         last_indices: data set indices of the batch ``select`` last returned (a tensor on
-            the batch's device).
+            the batch's device, built when first read).
+
+    Iteration: ``iter(sampler)`` yields lists of indices (what a ``DataLoader``'s
+    ``batch_sampler`` must yield); ``sampler.index_tensors(device)`` yields the same
+    batches as int64 tensors on ``device``, for a loop that indexes tensors itself (no
+    Python list per step; a batch of the stream is a view of a per-pass copy of the
+    permutation on ``device``, the caller's).
 
     Example:
         >>> sampler = fastis.ImportanceSampler(len(X), batch_size=128, seed=0)
-        >>> for idx in sampler:
+        >>> for idx in sampler.index_tensors(X.device):  # or: for idx in sampler
         ...     x, y, w = sampler.select(model, X[idx], Y[idx])
         ...     loss, g = fastis.cross_entropy(model(x), y, sample_weight=w, return_score=True)
         ...     sampler.update(g)
@@ -217,7 +233,9 @@ class ImportanceSampler(BatchStream):
         self.weighted_rows = 0  # rows returned by importance steps
         self.steps_importance = 0
         self.steps_uniform = 0
-        self.last_indices: torch.Tensor | None = None
+        # what last_indices is built from: (batch, drawn positions or None, device), or
+        # the tensor once built
+        self._last: tuple | torch.Tensor | None = None
 
     # -- the index stream ---------------------------------------------------------------
 
@@ -231,10 +249,19 @@ class ImportanceSampler(BatchStream):
         if reuse is not None:  # the cycle of the last presample goes on
             return reuse
         active = self._decide()
-        positions = self._stream.take(self.presample_size if active else self.batch_size)
-        batch = PresampleBatch(positions.tolist(), active, positions, 0, self._rows)
-        self._reuse.yielded(batch)
+        n = self.presample_size if active else self.batch_size
+        shard, start, pass_ = self._stream.take(n)
+        batch = PresampleBatch(shard, start, n, pass_, active, 0, self._rows)
+        if active:
+            self._reuse.yielded(batch)
         return batch
+
+    def _yield_view(self, batch, device):
+        # a fresh batch: a view of the pass's copy (a reuse is a copy: the caller may
+        # have changed its view of the presample)
+        if batch.pass_ < 0 or batch.draw:
+            return None
+        return self._stream.view(batch.pass_, batch.start, batch.size, device)
 
     def _decide(self) -> bool:
         """The mode of the next fresh batch (and its rows when on): the one host read of
@@ -282,12 +309,12 @@ class ImportanceSampler(BatchStream):
         if self.switch is not None:
             kind = "reuse" if batch.draw else "presample" if batch.active else "uniform"
             self.switch.start_step(kind, dev)
-        positions = batch.positions.to(dev, non_blocking=True)
         if not batch.active:
-            self._commit(len(positions))
+            n = batch.size
+            self._commit(n)
             self.steps_uniform += 1
-            self.last_indices = positions
-            return inputs, targets, torch.ones(len(positions), device=dev)
+            self._last = (batch, None, dev)
+            return inputs, targets, torch.ones(n, device=dev)  # fresh: the caller's to keep
         if batch.draw:  # a reuse: no scoring, the next row of the presample's draws
             pos, w = self._reuse.take(batch.draw)
             w = w.to(dev, non_blocking=True)
@@ -295,7 +322,7 @@ class ImportanceSampler(BatchStream):
             self._commit(batch.rows, needs_update=False)
             self.steps_importance += 1
             self.weighted_rows += batch.rows
-            self.last_indices = positions.index_select(0, pos.to(dev))
+            self._last = (batch, pos, dev)
             return take_rows(inputs, pos), take_rows(targets, pos), w
         scores = score_presample(  # may raise: nothing has changed yet
             model,
@@ -306,50 +333,74 @@ class ImportanceSampler(BatchStream):
             eval_mode=self.eval_scoring,
             inference=self.inference_mode,
         )
-        summary = score_summary(scores)
-        s, total, valid, _ = summary
-        self._observe(tau_from_sum(s, total), valid)
         k = self.draws_per_presample
         rows = batch.rows
-        pos, w = self._reuse.start(*self._draw.draw(*summary, k * rows), rows)
+        if scores.device.type == "cpu" and not self.distributed and not use_triton(scores):
+            # the summary on the host (a read of CPU memory, no synchronisation)
+            pos, w, tau_new, valid, usable = self._draw.draw_host(scores, k * rows)
+            self._switch.observe_presample_host(tau_new, valid, usable, self.a_tau)
+        else:
+            pos, w, norm_g, valid, usable = self._draw.draw(scores, k * rows)
+            self._switch.observe_presample(
+                norm_g, valid, usable, self.presample_size, self.a_tau, self._shared_ratio()
+            )
+        pos, w = self._reuse.start(pos, w, rows)
         self._draw.count_weights(w)
         self._commit(rows, needs_update=False)
         self.presamples += 1
         self.steps_importance += 1
         self.weighted_rows += rows
-        self.last_indices = positions.index_select(0, pos.to(dev))
+        self._last = (batch, pos, dev)
         return take_rows(inputs, pos), take_rows(targets, pos), w
 
     def update(self, scores: torch.Tensor) -> None:
         """Feeds back the training batch's scores (``[n]``, one per row that ``select``
         returned, e.g. from ``fastis.cross_entropy(..., return_score=True)``).
 
-        When off this updates ``tau`` (all-reduced when distributed); when on ``tau`` was
-        already updated from the presample and the scores are only checked. Call it once
-        per step, after ``select``.
+        When off this updates ``tau`` (all-reduced when distributed): the scores are read
+        now (on CUDA, copied asynchronously) and folded into ``tau`` at its next read;
+        the caller may reuse the tensor. When on ``tau`` was already updated from the
+        presample and the scores are only checked. Call it once per step, after
+        ``select``.
         """
         on = self._owed_update is not None and not self._owed_needed
-        scores = self._take_update(scores)
+        scores = self._take_update(scores, detach=False)  # read or copied, never kept
         if not on:
-            s, total, valid, _ = score_summary(scores)
-            self._draw.count_invalid(valid)
-            self._observe(tau_from_sum(s, total), valid)
+            self._switch.observe_scores(scores, self.a_tau, self._shared_ratio())
 
-    def _observe(self, tau_new, valid) -> None:
+    def _shared_ratio(self) -> float | None:
         # with a measured switch across ranks, this rank's cost ratio rides on the
         # all-reduce of tau_new, so that every rank decides from the same mean ratio
-        shared = None
-        if self.switch is not None and self.distributed:
-            k, b, big_b = self.draws_per_presample, self.batch_size, self.presample_size
-            shared = self.switch.cost_ratio(b, big_b, k, self._rows)
-        self._switch.observe(tau_new, valid, self.a_tau, shared)
+        if self.switch is None or not self.distributed:
+            return None
+        k, b, big_b = self.draws_per_presample, self.batch_size, self.presample_size
+        return self.switch.cost_ratio(b, big_b, k, self._rows)
+
+    @property
+    def last_indices(self) -> torch.Tensor | None:
+        """Data set indices (int64) of the batch ``select`` last returned, on the batch's
+        device (None before any): built at the first read after each ``select`` (so a step
+        that never reads it pays nothing for it), the caller's to keep."""
+        if self._last is None or isinstance(self._last, torch.Tensor):
+            return self._last
+        batch, pos, dev = self._last
+        index = batch.index
+        if pos is not None:  # from pageable memory: staged at once, no wait
+            out = index.to(dev, non_blocking=True).index_select(0, pos)
+        elif dev.type == "cpu":
+            out = index.clone()
+        else:
+            out = index.to(dev, non_blocking=True)
+        self._last = out
+        return out
 
     # -- what a user logs -------------------------------------------------------------
 
     @property
     def tau(self) -> float:
-        """The smoothed variance-reduction estimate (reads it on the host)."""
-        return float(self._switch.tau)
+        """The smoothed variance-reduction estimate (reads it on the host: on CUDA, waits
+        for the work queued up to the last update)."""
+        return self._switch.host_value()
 
     @property
     def is_active(self) -> bool:
@@ -371,7 +422,7 @@ class ImportanceSampler(BatchStream):
         ``variance_reduction``, ``noise_share``, ``benefit``, ``cost_ratio``, and the
         smoothed step times ``seconds_uniform`` / ``_presample`` / ``_reuse`` (None
         before any)."""
-        tau, tau_new = torch.stack([self._switch.tau.cpu(), self._switch.tau_new.cpu()]).tolist()
+        tau, tau_new = self._switch.host_value(), self._switch.host_new()
         counts = self._draw.values()
         n_weights = self.weighted_rows
         return {
@@ -384,8 +435,8 @@ class ImportanceSampler(BatchStream):
             "steps_uniform": self.steps_uniform,
             "mean_weight": counts["weight_sum"] / n_weights if n_weights else float("nan"),
             "max_weight": counts["weight_max"],
-            "invalid_score_steps": int(counts["invalid_steps"]),
-            "zero_score_steps": int(counts["zero_steps"]),
+            "invalid_score_steps": int(counts["invalid_steps"]) + self._switch.host_invalid(),
+            "zero_score_steps": int(counts["zero_steps"]) + self._switch.host_zero(),
             "missing_updates": self.missing_updates,
             "presamples": self.presamples,
             "weighted_rows": self.weighted_rows,
@@ -464,7 +515,7 @@ class ImportanceSampler(BatchStream):
             "version": STATE_VERSION,
             "config": self._config(),
             **self._switch.state_dict(),
-            **self._draw.state_dict(),
+            **self._draw_state(),
             **self._stream.state_dict(),
             "steps_importance": self.steps_importance,
             "steps_uniform": self.steps_uniform,
@@ -475,6 +526,13 @@ class ImportanceSampler(BatchStream):
             "switch": None if self.switch is None else self.switch.state_dict(self._switch),
             **self._stream_state(),
         }
+
+    def _draw_state(self) -> dict:
+        # the steps' invalid and all-zero scores are counted on the host as tau is folded
+        st = self._draw.state_dict()
+        st["invalid_steps"] = st["invalid_steps"] + self._switch.host_invalid()
+        st["zero_steps"] = st["zero_steps"] + self._switch.host_zero()
+        return st
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restores a ``state_dict()`` of a sampler with the same configuration (data set

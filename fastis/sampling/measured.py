@@ -239,7 +239,7 @@ class MeasuredSwitch:
     def state_dict(self, tau=None) -> dict:
         """Plain values: ``on``, the averages and counts per kind, and ``shared``, the
         ranks' mean cost ratio held by ``tau`` (a ``SmoothedTau``; None if none)."""
-        shared = None if tau is None or tau.shared is None else float(tau.shared)
+        shared = None if tau is None else tau.host_shared()
         return {
             "on": self.on,
             "shared": shared,

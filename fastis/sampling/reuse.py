@@ -26,19 +26,17 @@ from fastis.sampling.stream import Batch, indices_from_state
 @dataclass
 class PresampleBatch(Batch):
     """A yielded batch of ``ImportanceSampler``: ``b`` indices (off) or a presample of
-    ``B`` (``active``); ``positions`` holds the same indices as a CPU int64 tensor;
-    ``draw`` is 0 for a fresh batch and ``j >= 1`` for the ``j``-th reuse of the last
-    scored presample; ``rows`` is the number of rows an importance step trains on (``b``,
-    or fewer in the constant-noise mode)."""
+    ``B`` (``active``); ``draw`` is 0 for a fresh batch and ``j >= 1`` for the ``j``-th
+    reuse of the last scored presample; ``rows`` is the number of rows an importance step
+    trains on (``b``, or fewer in the constant-noise mode)."""
 
     active: bool = False
-    positions: torch.Tensor | None = None
     draw: int = 0
     rows: int = 0
 
     def state(self) -> dict:
         return {
-            "indices": list(self.indices),
+            "indices": self.index.tolist(),
             "active": self.active,
             "draw": self.draw,
             "rows": self.rows,
@@ -71,7 +69,8 @@ class PresampleReuse:
         draw = self.k - self._left
         self._left -= 1
         of = self._of
-        return PresampleBatch(of.indices, True, of.positions, draw, of.rows)
+        # the same indices, not marked as a pass's slice: yielded as a copy
+        return PresampleBatch(of.source, of.start, of.size, -1, True, draw, of.rows)
 
     def yielded(self, batch: PresampleBatch) -> None:
         if batch.active and batch.draw == 0 and self.k > 1:
@@ -118,12 +117,13 @@ class PresampleReuse:
         idx = indices_from_state(
             b, "indices", (self.big_b if active else self.b,), self.num_samples
         )
-        return PresampleBatch(idx, active, torch.tensor(idx, dtype=torch.int64), draw, rows)
+        index = torch.tensor(idx, dtype=torch.int64)
+        return PresampleBatch.of(index, active=active, draw=draw, rows=rows)
 
     def state_dict(self) -> dict:
         reuse = None
         if self._left:
-            reuse = {"indices": list(self._of.indices), "left": self._left, "rows": self._of.rows}
+            reuse = {"indices": self._of.index.tolist(), "left": self._left, "rows": self._of.rows}
         plan = None
         if self._plan is not None:
             plan = {
@@ -163,7 +163,8 @@ class PresampleReuse:
             self.reset_yield()
         else:
             idx, self._left, rows = parsed["reuse"]
-            self._of = PresampleBatch(idx, True, torch.tensor(idx, dtype=torch.int64), 0, rows)
+            index = torch.tensor(idx, dtype=torch.int64)
+            self._of = PresampleBatch.of(index, active=True, rows=rows)
         if parsed["plan"] is None:
             self._plan, self._rows, self._next = None, 0, 0
         else:

@@ -2,11 +2,13 @@
 and its resume.
 
 A sampler here is a ``torch.utils.data.Sampler`` of index lists (a ``DataLoader``'s
-``batch_sampler``). Every list it yields is remembered, in order, until ``select`` takes
-it, so a prefetching ``DataLoader`` (``num_workers > 0``) may draw several batches ahead;
-``state_dict`` saves those batches and, after ``load_state_dict``, the next iteration
-yields them again first, then continues the interrupted epoch. ``BatchStream`` holds that
-machinery; a subclass supplies ``_draw_batch`` (the next batch) and the per-step work.
+``batch_sampler``); ``index_tensors()`` iterates the same batches as int64 tensors, which
+a hand-written loop can index with directly (no Python list in between). Every batch it
+yields is remembered, in order, until ``select`` takes it, so a prefetching
+``DataLoader`` (``num_workers > 0``) may draw several batches ahead; ``state_dict`` saves
+those batches and, after ``load_state_dict``, the next iteration yields them again first,
+then continues the interrupted epoch. ``BatchStream`` holds that machinery; a subclass
+supplies ``_draw_batch`` (the next batch) and the per-step work.
 """
 
 import hashlib
@@ -78,12 +80,31 @@ def distributed_setup(num_replicas, rank, seed, *, need_group: bool):
 
 @dataclass
 class Batch:
-    """One yielded batch: its data set indices (what the ``DataLoader`` loads)."""
+    """One yielded batch: its data set indices (what the ``DataLoader`` loads),
+    ``source[start : start + size]`` of an int64 CPU tensor that the sampler never hands
+    out nor changes. For a batch of the index stream, ``source`` is the permutation of
+    pass ``pass_`` itself, so a batch costs no tensor operation until its indices are
+    needed; otherwise ``pass_`` is -1 (e.g. ``Batch.of(index)``)."""
 
-    indices: list
+    source: torch.Tensor
+    start: int
+    size: int
+    pass_: int = -1
+
+    @classmethod
+    def of(cls, index: torch.Tensor, **fields):
+        """A batch of the indices ``index`` (int64 ``[n]``, CPU), not a pass's slice."""
+        return cls(index, 0, index.shape[0], -1, **fields)
+
+    @property
+    def index(self) -> torch.Tensor:
+        """The indices, int64 ``[size]`` (a view of ``source``: not to be changed)."""
+        if self.start == 0 and self.size == self.source.shape[0]:
+            return self.source
+        return self.source.narrow(0, self.start, self.size)
 
     def state(self) -> dict:
-        return {"indices": list(self.indices)}
+        return {"indices": self.index.tolist()}
 
 
 class BatchStream(Sampler):
@@ -138,6 +159,27 @@ class BatchStream(Sampler):
         that links consecutive batches resets that link here)."""
 
     def __iter__(self):
+        """The batches of one epoch, each a list of data set indices (what a
+        ``DataLoader``'s ``batch_sampler`` yields)."""
+        return self._iterate(None)
+
+    def index_tensors(self, device=None):
+        """The batches of one epoch as ``iter(self)`` yields them, each an int64 tensor
+        ``[n]`` on ``device`` (default: the CPU), the caller's to keep or change: nothing
+        of the sampler's refers to it. (A batch of an index stream's pass is a view of a
+        copy of that pass's permutation, made once per pass and device, so a step pays
+        for no copy, and on CUDA for no host-to-device transfer; the view keeps that copy,
+        8 bytes per example of the shard, alive.) Starting it starts a new epoch's
+        iteration exactly as ``iter(self)`` does (the two share one stream: use one of
+        them at a time).
+
+        Example:
+            >>> for idx in sampler.index_tensors(device=X.device):
+            ...     x, y, w = sampler.select(model, X[idx], Y[idx])
+        """
+        return self._iterate(torch.device("cpu") if device is None else torch.device(device))
+
+    def _iterate(self, device: torch.device | None):
         if self._pending:  # batches of an abandoned iterator never train
             self._pending.clear()
             self._dropped()
@@ -148,14 +190,28 @@ class BatchStream(Sampler):
             self._epoch_yielded = 0
         self._resumed = False
         for batch in replay:
-            yield self._emit(batch)
+            yield self._emit(batch, device)
         while self._epoch_yielded < len(self):
-            yield self._emit(self._draw_batch())
+            yield self._emit(self._draw_batch(), device)
 
-    def _emit(self, batch: Batch) -> list:
+    def _emit(self, batch: Batch, device: torch.device | None):
         self._pending.append(batch)
         self._epoch_yielded += 1
-        return list(batch.indices)
+        if device is None:
+            return batch.index.tolist()
+        view = self._yield_view(batch, device)
+        if view is not None:
+            return view
+        if device.type == "cpu":  # a copy: the batch's own stays the sampler's
+            return batch.index.clone()
+        # from pageable memory: staged at once, no wait for the device's queue
+        return batch.index.to(device, non_blocking=True)
+
+    def _yield_view(self, batch: Batch, device: torch.device) -> torch.Tensor | None:
+        """What ``index_tensors`` yields for ``batch`` if not a copy of its indices: a
+        tensor of the caller's (a subclass with per-pass copies returns a view of one);
+        None: a copy."""
+        return None
 
     def set_epoch(self, epoch: int) -> None:
         """Accepted for loops written for ``DistributedSampler`` and otherwise ignored: the
@@ -177,10 +233,10 @@ class BatchStream(Sampler):
             )
         batch = self._pending[0]
         n = num_rows(inputs)
-        if n != len(batch.indices):
+        if n != batch.size:
             raise ValueError(
                 f"inputs has {n} rows but the batch the sampler yielded for this step has "
-                f"{len(batch.indices)} indices: call select() once per yielded batch, in order"
+                f"{batch.size} indices: call select() once per yielded batch, in order"
             )
         if targets is not None and num_rows(targets) != n:
             raise ValueError(f"targets has {num_rows(targets)} rows but inputs {n}")
@@ -202,11 +258,12 @@ class BatchStream(Sampler):
         self._owed_update, self._owed_needed = rows_out, needs_update
         self.steps += 1
 
-    def _take_update(self, scores) -> torch.Tensor:
-        """``scores`` detached, checked to match the rows the last ``select`` returned."""
+    def _take_update(self, scores, *, detach: bool = True) -> torch.Tensor:
+        """``scores`` (detached unless ``detach=False``), checked to match the rows the last
+        ``select`` returned."""
         if self._owed_update is None:
             raise RuntimeError("update() must follow select(), once per step")
-        scores = check_scores(scores, self._owed_update, "scores")
+        scores = check_scores(scores, self._owed_update, "scores", detach=detach)
         self._owed_update = None
         return scores
 
@@ -265,13 +322,32 @@ class Permutations:
         self.pass_ = 0
         self.cursor = 0
         self._cache: tuple[int, torch.Tensor] | None = None
+        self._copies: dict = {}  # device -> a copy of the cached shard, for index_tensors
 
-    def take(self, n: int) -> torch.Tensor:
-        """The next ``n`` indices, an int64 CPU tensor (``n <= shard_size``)."""
+    def take(self, n: int) -> tuple[torch.Tensor, int, int]:
+        """The next ``n`` indices (``n <= shard_size``) as ``(shard, start, pass)``: they
+        are ``shard[start : start + n]``, with ``shard`` the int64 CPU permutation of pass
+        ``pass``, which is never changed in place (a new pass gets a new one), so the
+        caller must not change it either."""
         if self.cursor + n > self.shard_size:
             self.pass_, self.cursor = self.pass_ + 1, 0
         start, self.cursor = self.cursor, self.cursor + n
-        return self._shard(self.pass_)[start : self.cursor].clone()
+        cache = self._cache
+        hit = cache is not None and cache[0] == self.pass_
+        return (cache[1] if hit else self._shard(self.pass_)), start, self.pass_
+
+    def view(self, pass_: int, start: int, n: int, device: torch.device) -> torch.Tensor | None:
+        """``shard[start : start + n]`` of pass ``pass_`` as a view of a copy of the shard on
+        ``device`` (made once per pass and device; the views are the callers'); None if
+        ``pass_`` is no longer the current pass."""
+        if self._cache is None or self._cache[0] != pass_:
+            return None
+        copy = self._copies.get(device)
+        if copy is None:  # contiguous, and on CUDA staged at once (no wait)
+            copy = self._cache[1].clone(memory_format=torch.contiguous_format)
+            copy = copy.to(device, non_blocking=True)
+            self._copies[device] = copy
+        return copy.narrow(0, start, n)
 
     def _shard(self, k: int) -> torch.Tensor:
         if self._cache is None or self._cache[0] != k:
@@ -281,7 +357,12 @@ class Permutations:
             if pad:
                 perm = torch.cat([perm, perm.repeat(-(-pad // self.num_samples))[:pad]])
             self._cache = (k, perm[self.rank :: self.num_replicas])
+            self._copies = {}
         return self._cache[1]
+
+    def __getstate__(self) -> dict:
+        # the copies are the yielded views' (a copy of the sampler makes its own)
+        return dict(self.__dict__, _copies={})
 
     def state_dict(self) -> dict:
         return {"pass": self.pass_, "cursor": self.cursor}
