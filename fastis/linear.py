@@ -12,7 +12,7 @@ import torch
 
 from fastis._checks import bool_arg, float_arg, index_arg
 from fastis.constants import IGNORE_INDEX, INDEX_DTYPES, REDUCTIONS
-from fastis.linear_ops import linear_xent
+from fastis.linear_ops import grads_in_forward, linear_xent, linear_xent_fused
 from fastis.loss import reduce_rows, weight_factor
 from fastis.ops import count_rows
 from fastis.score import scale_by_features, sequence_norm
@@ -36,14 +36,19 @@ def linear_cross_entropy(
     r"""``fastis.cross_entropy(hidden @ weight.T + bias, target, ...)`` without the logits.
 
     The logits ``z = h W^T + c`` of a final ``nn.Linear`` (or a tied embedding) are formed a
-    tile at a time, in float32, and never held for the whole batch: on the CPU the extra
-    memory is a few tiles of logits (about 8 MiB each), not ``[N, V]``; on CUDA one tile per
-    program in registers, plus float32 accumulators for the gradients (``[N, D]`` and, for
-    16-bit weights, ``[V, D]``). Forward
-    keeps one number per row, the log-sum-exp; backward forms the logits again, chunk by
-    chunk, and accumulates ``dh = dz W``, ``dW = dz^T h`` and ``dc = sum dz`` in float32,
-    with ``dz = w_i (p_i - t_i)`` times the reduction's factor. No host synchronisation
-    (besides the class-index range check on CPU tensors).
+    chunk at a time, in float32, and never held for the whole batch: on the CPU the extra
+    memory is one chunk of logits (256 rows by ``V``, at most 64 MiB) or a few tiles of them
+    (8 MiB each), not ``[N, V]``; on CUDA one tile per program in registers; plus float32
+    accumulators for the gradients (``[N, D]`` and, for 16-bit weights, ``[V, D]``). The
+    gradients are ``dh = dz W``, ``dW = dz^T h`` and ``dc = sum dz``, accumulated in
+    float32, with ``dz = w_i (p_i - t_i)`` times the reduction's factor. On the torch path
+    (CPU), for ``'mean'`` and ``'sum'`` with a gradient wanted for ``hidden``, ``weight``
+    or ``bias``, they are formed in forward from the chunk's logits and kept (float32
+    ``[N, D]``, ``[V, D]``, ``[V]`` until backward, which only multiplies them by the
+    incoming gradient): three ``N x D x V`` products in all, as the naive composition.
+    Elsewhere (``'none'``, no gradient, the CUDA kernels) forward keeps one number per row,
+    the log-sum-exp, and backward forms the logits again, chunk by chunk: four products.
+    No host synchronisation (besides the class-index range check on CPU tensors).
 
     The loss, reductions, ignore rule, smoothing and score are those of
     ``fastis.cross_entropy``: ``'none'`` gives ``w_i L_i`` per row (``[B, T]`` per token),
@@ -101,6 +106,26 @@ def linear_cross_entropy(
     if target.dtype == torch.uint8:
         target = target.long()
     rows = hidden.shape[:-1]
+    if grads_in_forward(hidden, weight, bias, reduction):
+        loss, g = _fused(
+            hidden, weight, bias, target, factor, reduction, ignore_index, eps, return_score
+        )
+    else:
+        loss, g = _recomputing(
+            hidden, weight, bias, target, factor, reduction, ignore_index, eps, return_score
+        )
+    if not return_score:
+        return loss
+    g = g.detach().view(rows)
+    if score == "features":
+        g = scale_by_features(g, hidden.detach(), bias is not None)
+    return loss, sequence_norm(g, hidden).float()
+
+
+def _recomputing(hidden, weight, bias, target, factor, reduction, ignore_index, eps, return_score):
+    """``(loss, score)`` through ``linear_xent``: per-row losses, reduced here (autograd
+    gives ``sample_weight`` its gradient), the gradients formed in backward."""
+    rows = hidden.shape[:-1]
     loss, _, g = linear_xent(
         hidden.reshape(-1, hidden.shape[-1]),
         weight,
@@ -111,13 +136,31 @@ def linear_cross_entropy(
         return_score,
     )
     count = count_rows(target, hidden, ignore_index) if reduction == "mean" else None
-    loss = reduce_rows(loss.view(rows), factor, reduction, count)
-    if not return_score:
-        return loss
-    g = g.detach().view(rows)
-    if score == "features":
-        g = scale_by_features(g, hidden.detach(), bias is not None)
-    return loss, sequence_norm(g, hidden).float()
+    return reduce_rows(loss.view(rows), factor, reduction, count), g
+
+
+def _fused(hidden, weight, bias, target, factor, reduction, ignore_index, eps, return_score):
+    """``(loss, score)`` through ``linear_xent_fused``: the reduced loss, its gradients
+    formed in forward (each row's factor ``w_i`` (``/ n``) is known there), backward only
+    scales them by the incoming gradient."""
+    rows = hidden.shape[:-1]
+    count = count_rows(target, hidden, ignore_index) if reduction == "mean" else None
+    row_weight = None if factor is None else factor.expand(rows).reshape(-1)
+    out = linear_xent_fused(
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        bias,
+        target.reshape(-1),
+        row_weight,
+        count,
+        ignore_index,
+        eps,
+        return_score,
+        hidden.requires_grad,
+        weight.requires_grad,
+        bias is not None and bias.requires_grad,
+    )
+    return out[0], out[3]
 
 
 def _check_inputs(hidden, weight, target, bias) -> None:

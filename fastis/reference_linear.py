@@ -29,6 +29,14 @@ _CHUNK_ELEMENTS = 1 << 21
 # Tiles span at least this many rows (when there are as many), and fewer classes when the
 # vocabulary is large (see ``tiles``).
 _TILE_ROWS = 1024
+# ``linear_xent_fused``'s chunk spans all classes and ``_FUSED_ROWS`` rows, fewer where that
+# would exceed ``_FUSED_CHUNK_ELEMENTS`` elements (64 MiB in float32; V > 65,536); with
+# fewer than ``_FUSED_MIN_ROWS`` rows (V > 262,144) it recomputes instead: its products
+# contract over the chunk's rows, and run too slowly below that. Measured on the CPU
+# (bench/results/linear_cross_entropy_cpu.md): 256 rows faster than 128 or 512 at V = 32k.
+_FUSED_ROWS = 256
+_FUSED_CHUNK_ELEMENTS = 1 << 24
+_FUSED_MIN_ROWS = 64
 
 
 def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -109,7 +117,9 @@ class _RowStats:
         self.s, self.q, self.z_y, self.z_sum = zeros, zeros, zeros, zeros
 
     def update(self, z, c0):
-        """Takes in the tile ``z`` ``[n, C]`` of classes ``c0 .. c0 + C`` (overwrites it)."""
+        """Takes in the tile ``z`` ``[n, C]`` of classes ``c0 .. c0 + C``, leaving over it
+        ``exp(z - base)`` (0 at the target); returns ``base`` ``[n]``, the running max of
+        the other classes so far (0 while it is ``-inf``)."""
         t = self.target
         here = self.in_range & (t >= c0) & (t < c0 + z.shape[1])  # the target is in the tile
         y = torch.where(here, t - c0, 0).long()[:, None]
@@ -127,9 +137,11 @@ class _RowStats:
         if self.compute_score:
             self.q = self.q * (alpha * alpha) + torch.linalg.vector_norm(e, dim=1).square()
         self.m = m
+        return base
 
     def finish(self, ignored):
-        """``(loss, lse, score)`` of the chunk (``score`` ``None`` unless asked for)."""
+        """``(loss, lse, score)`` of the chunk (``score`` ``None`` unless asked for). Keeps
+        ``log_s``, ``log_S`` and ``bad`` (the rows whose loss is NaN) for ``grad_from_exp``."""
         V, eps = self.V, self.eps
         z_y = self.z_y
         m = torch.where(self.m == float("-inf"), z_y, self.m)  # V == 1, or all others -inf
@@ -139,6 +151,7 @@ class _RowStats:
         lse = m + log_S
         loss = lse - (1 - eps) * z_y - eps / V * self.z_sum if eps else log_S - d
         bad = ~self.in_range | ~(m < float("inf")) | ~(z_y < float("inf"))  # NaN, +inf
+        self.log_s, self.log_S, self.bad = log_s, log_S, bad
         score = None
         if self.compute_score:
             inv_S = torch.exp(-log_S)  # S itself may overflow
@@ -152,6 +165,32 @@ class _RowStats:
             score = score.masked_fill_(bad, float("nan")).masked_fill_(ignored, 0.0)
         loss = loss.masked_fill_(bad, float("nan")).masked_fill_(ignored, 0.0)
         return loss, lse.masked_fill_(bad, float("nan")), score
+
+    def row_factor(self, scale, ignored):
+        """``scale`` ``[n]`` for ``grad_from_exp`` (after ``finish``): NaN on the rows whose
+        loss is NaN, 0 on ignored rows."""
+        scale = torch.where(self.bad, float("nan"), scale.to(self.s.dtype))
+        return torch.where(ignored, 0.0, scale)
+
+    def grad_from_exp(self, e, c0, base, lse, factor, ignored):
+        """``factor_i * (p_i - t_i)`` on the tile of classes ``c0 .. c0 + C``, written over
+        ``e = exp(z - base)`` ``[n, C]``, what ``update`` left of it (after ``finish``,
+        which gave ``lse``).
+
+        ``p_j = e_j exp(base - lse)`` off the target; the target's entry is set to
+        ``eps (1 - 1/V) - s / S`` (``p_y - 1 = -s / S``: no cancellation as ``p_y -> 1``).
+        ``factor`` from ``row_factor``: rows whose loss is NaN get NaN, ignored rows 0
+        (even with non-finite logits), as ``grad_logits``.
+        """
+        V, eps, t = self.V, self.eps, self.target
+        dz = e.mul_((factor * torch.exp(base - lse))[:, None])
+        if eps:
+            dz = dz.sub_((factor * (eps / V))[:, None])
+        here = self.in_range & (t >= c0) & (t < c0 + e.shape[1])  # the target is in the tile
+        y = torch.where(here, t - c0, 0).long()[:, None]
+        grad_y = factor * (eps * (1 - 1 / V) - torch.exp(self.log_s - self.log_S))
+        dz = dz.scatter_(1, y, torch.where(here, grad_y, dz.gather(1, y).squeeze(1))[:, None])
+        return dz.masked_fill_(ignored[:, None], 0.0)
 
 
 def grad_logits(
@@ -179,7 +218,7 @@ def grad_logits(
     p = z.sub_(lse[:, None]).exp_()
     if eps:
         p = p.sub_(eps / V)
-    p = p.scatter_add_(1, y, torch.where(here, eps - 1.0, 0.0).to(p.dtype)[:, None])
+    p = p.scatter_add_(1, y, (here.to(p.dtype) * (eps - 1.0))[:, None])  # in p's dtype
     scale = torch.where(in_range, scale.to(z.dtype), float("nan"))
     scale = torch.where(ignored, 0.0, scale)
     return p.mul_(scale[:, None]).masked_fill_(ignored[:, None], 0.0)
@@ -227,31 +266,144 @@ def linear_xent_grad(
         float64 inputs); with no rows where not asked for (``grad_bias`` also without a
         bias).
     """
+    dh, dw, db = _recomputed_grads(
+        hidden, weight, bias, target, lse, grad_loss, ignore_index, label_smoothing,
+        hidden_grad, weight_grad, bias_grad,
+    )  # fmt: skip
+    return (
+        dh.to(hidden.dtype),
+        dw.to(weight.dtype),
+        db.to(hidden.dtype if bias is None else bias.dtype),
+    )
+
+
+def _grad_buffers(hidden, weight, bias, hidden_grad, weight_grad, bias_grad):
+    """Zeroed ``dh`` ``[N, D]``, ``dW`` ``[V, D]``, ``dc`` ``[V]`` in the compute dtype, each
+    with no rows where not asked for: distinct empty tensors (an op's outputs must not
+    alias)."""
+    dtype, device = compute_dtype(hidden), hidden.device
+    N, D = hidden.shape
+    V = weight.shape[0]
+    dh = torch.zeros(N if hidden_grad else 0, D, dtype=dtype, device=device)
+    dw = torch.zeros(V if weight_grad else 0, D, dtype=dtype, device=device)
+    db = torch.zeros(V if bias_grad and bias is not None else 0, dtype=dtype, device=device)
+    return dh, dw, db
+
+
+def _recomputed_grads(hidden, weight, bias, target, lse, grad_loss, ignore_index,
+                      label_smoothing, hidden_grad, weight_grad, bias_grad):  # fmt: skip
+    """``linear_xent_grad``'s gradients, in the compute dtype."""
     dtype = compute_dtype(hidden)
     w = weight.to(dtype)
     c = None if bias is None else bias.to(dtype)
-    bias_grad = bias_grad and bias is not None
+    dh, dw, db = _grad_buffers(hidden, weight, bias, hidden_grad, weight_grad, bias_grad)
+    bias_grad = db.numel() > 0
     N, D = hidden.shape
     V = weight.shape[0]
-    # the gradients not asked for are distinct empty tensors (outputs of an op must not alias)
-    dh = torch.empty(N if hidden_grad else 0, D, dtype=hidden.dtype, device=hidden.device)
-    dw = torch.zeros(V if weight_grad else 0, D, dtype=dtype, device=hidden.device)
-    db = torch.zeros(V if bias_grad else 0, dtype=dtype, device=hidden.device)
     R, C = tiles(N, V)
     for i in range(0, N, R):
         h = hidden[i : i + R].to(dtype)
         t, row_lse, scale = target[i : i + R], lse[i : i + R], grad_loss[i : i + R]
-        dh_rows = torch.zeros(h.shape if hidden_grad else (0, D), dtype=dtype, device=h.device)
         for j in range(0, V, C):
             w_j = w[j : j + C]
             z = _logits(h, w_j, None if c is None else c[j : j + C])
             dz = grad_logits(z, t, row_lse, scale, ignore_index, label_smoothing, V, j)
             if hidden_grad:
-                dh_rows.addmm_(dz, w_j)
+                dh[i : i + R].addmm_(dz, w_j)
             if weight_grad:
                 dw[j : j + C].addmm_(dz.T, h)
             if bias_grad:
                 db[j : j + C] += dz.sum(0)
-        if hidden_grad:
-            dh[i : i + R] = dh_rows
-    return dh, dw.to(weight.dtype), db.to(hidden.dtype if bias is None else bias.dtype)
+    return dh, dw, db
+
+
+def fused_rows(N: int, V: int) -> int:
+    """Rows per chunk of ``linear_xent_fused``: ``_FUSED_ROWS``, or as many as
+    ``_FUSED_CHUNK_ELEMENTS`` allows when each row spans all ``V`` classes (at least one,
+    at most ``N``)."""
+    return max(1, min(N, _FUSED_ROWS, _FUSED_CHUNK_ELEMENTS // max(V, 1)))
+
+
+def linear_xent_fused(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    grad_loss: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    compute_score: bool = False,
+    hidden_grad: bool = True,
+    weight_grad: bool = True,
+    bias_grad: bool = True,
+) -> tuple[torch.Tensor, ...]:
+    """``linear_xent`` and the gradients of ``sum_i grad_loss_i * loss_i`` in one sweep.
+
+    For a reduction to a scalar the factor of each row's loss (its weight, over the count
+    for a mean) is known in forward, up to the incoming gradient that backward multiplies
+    in; so the gradients can be formed where the logits are, and not recomputed. Per chunk
+    of ``fused_rows(N, V)`` rows, each spanning all ``V`` classes (the chunk's ``[n, V]``
+    logits are the one large buffer): ``z = h W^T + c`` in one product; the row
+    statistics of ``linear_xent`` over it as one tile, which leave ``exp(z - base)``;
+    then over the same buffer ``dz = grad_loss_i * (p_i - t_i)``
+    (``p = exp(z - base) exp(base - lse)``: no second exponential), and
+    ``dh[rows] = dz W``, ``dW += dz^T h[rows]``,
+    ``dc += sum dz``: three ``n x D x V`` products per chunk, where ``linear_xent`` then
+    ``linear_xent_grad`` take four. The chunk needs rows enough for efficient products
+    (``dW += dz^T h`` contracts over them); with fewer than ``_FUSED_MIN_ROWS`` (a large
+    ``V`` under the budget) it runs those two instead, tile by tile.
+
+    Returns:
+        ``(loss, lse, score, grad_hidden [N, D], grad_weight [V, D], grad_bias [V])``: the
+        first three as ``linear_xent``; the gradients as ``linear_xent_grad`` but in the
+        compute dtype (float32; float64 for float64 inputs), so that backward's scaling
+        rounds once to the inputs' dtype.
+    """
+    N = hidden.shape[0]
+    V = weight.shape[0]
+    R = fused_rows(N, V)
+    if R < min(N, _FUSED_MIN_ROWS):
+        loss, lse, score = linear_xent(
+            hidden, weight, bias, target, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, compute_score=compute_score,
+        )  # fmt: skip
+        grads = _recomputed_grads(
+            hidden, weight, bias, target, lse, grad_loss, ignore_index, label_smoothing,
+            hidden_grad, weight_grad, bias_grad,
+        )  # fmt: skip
+        return loss, lse, score, *grads
+    dtype = compute_dtype(hidden)
+    w = weight.to(dtype)
+    c = None if bias is None else bias.to(dtype)
+    loss = torch.empty(N, dtype=dtype, device=hidden.device)
+    lse = torch.empty_like(loss)
+    score = torch.empty_like(loss) if compute_score else loss.new_empty(0)
+    dh, dw, db = _grad_buffers(hidden, weight, bias, hidden_grad, weight_grad, bias_grad)
+    buffer = torch.empty(R, V, dtype=dtype, device=hidden.device)
+    for i in range(0, N, R):
+        h = hidden[i : i + R].to(dtype)
+        n, t = h.shape[0], target[i : i + R]
+        z = buffer[:n]
+        if c is None:
+            torch.mm(h, w.T, out=z)
+        else:
+            torch.addmm(c, h, w.T, out=z)
+        # the chunk as one tile: a few large ops (with several threads, each op's join
+        # costs more than the passes it would save in cache), exp(z - base) left over it
+        stats = _RowStats(t, V, label_smoothing, compute_score, dtype)
+        base = stats.update(z, 0)
+        ignored = t == ignore_index
+        out = stats.finish(ignored)
+        loss[i : i + R], lse[i : i + R] = out[0], out[1]
+        if compute_score:
+            score[i : i + R] = out[2]
+        factor = stats.row_factor(grad_loss[i : i + R], ignored)
+        dz = stats.grad_from_exp(z, 0, base, out[1], factor, ignored)
+        if dh.numel():
+            torch.mm(dz, w, out=dh[i : i + R])
+        if dw.numel():
+            dw.addmm_(dz.T, h)
+        if db.numel():
+            db += dz.sum(0)
+    return loss, lse, score, dh, dw, db
