@@ -147,15 +147,11 @@ def _row_factor(logits, weight, reduction, count):
     """The gradient's factor per row in the reduction, ``w_i`` (or 1) over ``count`` for a
     mean, as ``_native.softmax_xent`` takes it: per row, one scalar, or None for 1."""
     if reduction == "mean":
-        if isinstance(count, torch.Tensor):
-            inv = 1.0 / count
-        elif weight is None:
-            return torch.full((), 1.0 / count)
-        else:  # a product with a Python number: a division by one costs a few more ops
-            inv = 1.0 / count
+        # products with 1 / count: a division by a Python number costs a few more ops
         if weight is None:
-            return inv
-        weight = weight * inv
+            scalar = not isinstance(count, torch.Tensor)
+            return torch.full((), 1.0 / count) if scalar else 1.0 / count
+        weight = weight * (1.0 / count)
     if weight is not None and weight.shape != logits.shape[:-1]:
         weight = weight.expand(logits.shape[:-1])  # [B, 1] per sequence
     return weight  # [N] or [B, T], or None (a factor of 1)
