@@ -307,12 +307,12 @@ def softmax_xent(
 
 
 def _raise_out_of_range(target, C, ignore_index):
-    """The error for class indices the kernel counted outside ``[0, C)`` (a slow path)."""
-    bad = (target != ignore_index) & ((target < 0) | (target >= C))
-    value = target[bad].reshape(-1)[0].item()
-    raise ValueError(
-        f"target contains class index {value}, outside [0, {C}) and not ignore_index={ignore_index}"
-    )
+    """The error for class indices the kernel counted outside ``[0, C)`` (a slow path):
+    ``fastis.ops.check_target_range``'s."""
+    from fastis.ops import check_target_range  # imported here: fastis.ops imports this module
+
+    check_target_range(target, C, ignore_index)
+    raise AssertionError("the kernel counted class indices out of range; the check found none")
 
 
 def scale_rows_(grad, scale):

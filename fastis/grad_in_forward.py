@@ -26,6 +26,7 @@ from fastis.ops import (
     check_values,
     count_rows,
     kernels_for,
+    launch_rows,
     out_dtype,
     row_scale,
     softmax_xent,
@@ -92,19 +93,15 @@ def _torch_softmax_xent_(
 
 @softmax_xent_.register_kernel(("cpu", "cuda"))
 def _(logits, target, ignore_index, label_smoothing, grad_scale):
-    clean = check_values(logits, target, ignore_index)
     kernels = kernels_for(logits)
     if kernels is None:
+        clean = check_values(logits, target, ignore_index)
         return _torch_softmax_xent_(
             logits, target, ignore_index, label_smoothing, grad_scale, clean
         )
-    return kernels.softmax_xent(
-        logits,
-        target,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        grad=logits,
-        grad_scale=row_scale(grad_scale, kernels),
+    scale = row_scale(grad_scale, kernels)
+    return launch_rows(
+        kernels, logits, target, ignore_index, label_smoothing, grad=logits, grad_scale=scale
     )
 
 

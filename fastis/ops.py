@@ -67,6 +67,17 @@ def check_values(logits: torch.Tensor, target: torch.Tensor, ignore_index: int):
     return None
 
 
+def launch_rows(kernels, logits, target, ignore_index: int, label_smoothing: float, **grad):
+    """``kernels.softmax_xent(...)`` with the class-index check of ``check_values``: the
+    native library counts indices out of range in its own read of the targets (on the CPU;
+    the same ``ValueError``), for the Triton kernels they are read once before."""
+    options = {"ignore_index": ignore_index, "label_smoothing": label_smoothing, **grad}
+    if kernels.__name__ == "fastis._native":
+        return kernels.softmax_xent(logits, target, check_target=True, **options)
+    check_values(logits, target, ignore_index)
+    return kernels.softmax_xent(logits, target, **options)
+
+
 def row_scale(scale: torch.Tensor, kernels) -> torch.Tensor:
     """A per-row factor as the launchers take it: flat; float32 for Triton (the native
     library converts it itself, keeping float64 for float64 logits)."""
@@ -112,15 +123,13 @@ def _torch_softmax_xent(
 
 @softmax_xent.register_kernel(("cpu", "cuda"))
 def _softmax_xent_kernel(logits, target, ignore_index, label_smoothing, compute_score):
-    clean = check_values(logits, target, ignore_index)
     kernels = kernels_for(logits)
     if kernels is None:
+        clean = check_values(logits, target, ignore_index)
         return _torch_softmax_xent(
             logits, target, ignore_index, label_smoothing, compute_score, clean
         )
-    loss, score = kernels.softmax_xent(
-        logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing
-    )
+    loss, score = launch_rows(kernels, logits, target, ignore_index, label_smoothing)
     return loss, score if compute_score else logits.new_empty(0, dtype=loss.dtype)
 
 

@@ -8,8 +8,6 @@ for float64 (the backend that ``FASTIS_BACKEND`` selects).
 
 import torch
 
-from fastis import _native
-from fastis._backend import kernel_backend
 from fastis._checks import bool_arg, check_logits_target, check_rows, index_arg
 from fastis.class_weight import apply_class_weight, check_class_weight
 from fastis.constants import IGNORE_INDEX
@@ -100,25 +98,10 @@ def score(
 
 
 def row_scores(logits, target, ignore_index: int, eps: float) -> torch.Tensor:
-    """Per-row scores ``[N]`` / ``[B, T]`` of the op ``fastis::softmax_xent``.
-
-    In plain eager mode the registered kernel itself runs (the op's dispatcher costs tens of
-    microseconds a call), the op elsewhere (under ``torch.compile``, dispatch modes, tensor
-    subclasses). Class indices on the CPU with the native backend go to the library
-    directly, which checks their range in the same read (the op's kernel first reads them
-    once more for the check): the same result and the same ``ValueError``.
-    """
+    """Per-row scores ``[N]`` / ``[B, T]`` of the op ``fastis::softmax_xent``: in plain
+    eager mode the registered kernel itself (the op's dispatcher costs tens of microseconds
+    a call), the op elsewhere (under ``torch.compile``, dispatch modes, tensor subclasses)."""
     kernel = _direct(logits, softmax_xent, _softmax_xent_kernel)
-    if (
-        kernel is _softmax_xent_kernel
-        and not logits.is_cuda
-        and not target.is_floating_point()
-        and logits.shape[-1] > 0
-        and kernel_backend(logits) == "native"
-    ):
-        return _native.softmax_xent(
-            logits, target, ignore_index=ignore_index, label_smoothing=eps, check_target=True
-        )[1]
     return kernel(logits, target, ignore_index, eps, True)[1]
 
 
