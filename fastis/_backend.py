@@ -42,8 +42,16 @@ def interpreting() -> bool:
 def kernel_backend(tensor: torch.Tensor) -> str:
     """``"triton"``, ``"native"`` or ``"torch"``: the implementation for a call on ``tensor``
     (its device decides, with ``FASTIS_BACKEND``)."""
-    mode = os.environ.get("FASTIS_BACKEND")
-    if mode is None and tensor.device.type == "cpu":  # the common case, read first
+    # Every loss and score call reads this: a lookup in the environment's own mapping where
+    # there is one (``os.environ.get`` of an unset variable raises and catches a KeyError),
+    # and the common case, a CPU tensor with the variable unset, decided first.
+    data = getattr(os.environ, "_data", None)
+    if type(data) is dict and os.name == "posix":
+        mode = data.get(b"FASTIS_BACKEND")
+        mode = None if mode is None else os.fsdecode(mode)
+    else:
+        mode = os.environ.get("FASTIS_BACKEND")
+    if mode is None and tensor.is_cpu:
         return "native" if _native_auto(tensor) else "torch"
     mode = "auto" if mode is None else mode.lower()
     if mode not in BACKENDS:
@@ -79,6 +87,4 @@ def use_triton(tensor: torch.Tensor) -> bool:
 def _native_auto(tensor: torch.Tensor) -> bool:
     """``auto``'s CPU choice: the native library for the dtypes it was measured on, when it
     loads (the first call that asks loads it, and warns once if it cannot)."""
-    if tensor.device.type != "cpu" or tensor.dtype not in NATIVE_AUTO_DTYPES:
-        return False
-    return _native.available()
+    return tensor.is_cpu and tensor.dtype in NATIVE_AUTO_DTYPES and _native.library() is not None

@@ -25,7 +25,7 @@ def check_logits_target(logits, target, label_smoothing) -> None:
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
     if logits.dim() not in (2, 3):
         raise ValueError(f"logits must be [N, C] or [B, T, C], got shape {tuple(logits.shape)}")
-    if target.device != logits.device:
+    if not (logits.is_cpu and target.is_cpu) and target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits on {logits.device}")
     if target.is_floating_point():
         if target.shape != logits.shape:
@@ -85,7 +85,7 @@ def check_rows(name: str, tensor, logits, *, rows=None, trailing: bool = False) 
         raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
     if not tensor.is_floating_point():
         raise TypeError(f"{name} must be floating point, got {tensor.dtype}")
-    if tensor.device != logits.device:
+    if not (tensor.is_cpu and logits.is_cpu) and tensor.device != logits.device:
         raise ValueError(f"{name} is on {tensor.device} but logits on {logits.device}")
     rows = tuple(logits.shape[:-1] if rows is None else rows)
     got = tuple(tensor.shape[:-1]) if trailing else tuple(tensor.shape)

@@ -14,7 +14,8 @@ top of the source tree (what ``cmake -S . -B build && cmake --build build`` writ
 Functions (same contracts as the Triton launchers in ``fastis._triton``):
 
 - ``softmax_xent(logits, target, *, ignore_index, label_smoothing, grad, grad_scale,
-  check_target)`` -> ``(loss, score)``;
+  check_target)`` -> ``(loss, score)``, and ``xent_loss(...)`` -> ``(total, loss, score, n)``
+  (the whole weighted, reduced loss of class-index rows in one call, CPU);
 - ``scale_rows_(grad, scale)``;
 - ``alias_build(weights)`` -> ``(prob, alias, probs)`` and
   ``alias_draw(prob, alias, n, generator)`` -> int64 ``[n]``.
@@ -22,6 +23,7 @@ Functions (same contracts as the Triton launchers in ``fastis._triton``):
 
 import ctypes
 import functools
+import math
 import os
 import struct
 import sys
@@ -32,7 +34,7 @@ import torch
 
 # (major, minor) this module speaks: the library's major must match, its minor be at least
 # this one (a minor version only adds functions); its patch may differ
-ABI_VERSION = (0, 2)
+ABI_VERSION = (0, 3)
 
 _LIB_NAMES = {"linux": "libfastis.so", "darwin": "libfastis.dylib", "win32": "fastis.dll"}
 
@@ -76,6 +78,9 @@ class _XentArgs(ctypes.Structure):
 _XENT = struct.Struct("@3qPi3qPi3qqd3P3qPq")
 assert _XENT.size == ctypes.sizeof(_XentArgs)
 _STRIDES = struct.Struct("@3q")  # an int64_t[3] argument, as bytes
+# fastis_xent_loss_args: a fastis_xent_args block, then the weight, reduction and total
+_XENT_LOSS = struct.Struct(_XENT.format + "P2qiP")
+_REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
 
 
 def _candidates() -> list[Path]:
@@ -100,6 +105,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "fastis_softmax_xent_cpu": (i32, [p, i32]),
         "fastis_softmax_xent_cpu_count": (i32, [p, i32, ctypes.POINTER(i64)]),
         "fastis_softmax_xent_cuda": (i32, [p, p]),
+        "fastis_xent_loss_cpu": (i32, [p, i32, ctypes.POINTER(i64 * 3)]),
         # (the strides int64_t[3] as packed bytes, _STRIDES)
         "fastis_scale_rows_cpu": (i32, [i64, i64, i64, p, i32, p, p, i32, i64, i32]),
         "fastis_scale_rows_cuda": (i32, [i64, i64, i64, p, i32, p, p, i32, i64, p]),
@@ -242,15 +248,44 @@ def softmax_xent(
     # struct call (a ctypes Structure costs ~10 us a call field by field), and every value
     # check beyond the shapes is left to the library, which answers with a status code.
     lib = _lib()
+    block = _xent_block(logits, target, ignore_index, label_smoothing, grad, grad_scale)
+    if block is None:
+        return _empty_rows(logits)
+    packed, loss, score, target, _ = block  # (the last: converted inputs, kept alive)
+    if logits.is_cuda:
+        status = lib.fastis_softmax_xent_cuda(packed, _stream(logits))
+    elif check_target:
+        bad = ctypes.c_int64(0)
+        status = lib.fastis_softmax_xent_cpu_count(packed, torch.get_num_threads(), bad)
+        if status == 0 and bad.value:
+            _raise_out_of_range(target, logits.shape[-1], ignore_index)
+    else:
+        status = lib.fastis_softmax_xent_cpu(packed, torch.get_num_threads())
+    if status:
+        _check(lib, status, "softmax_xent")
+    return loss, score
+
+
+def _empty_rows(logits):
+    rows = logits.shape[:-1]
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    loss = torch.empty(rows, dtype=dtype, device=logits.device)
+    return loss, torch.empty_like(loss)
+
+
+def _xent_block(logits, target, ignore_index, label_smoothing, grad, grad_scale):
+    """``fastis_xent_args`` packed as bytes, with the fresh ``(loss, score)`` rows it writes
+    and the inputs as passed (converted where needed, to be kept alive until the call):
+    ``(packed, loss, score, target, grad_scale)``; None when there is no row."""
     B, T, C, lstride = _view3(logits)
     shape = logits.shape
     rows = shape[:-1]
     dtype = logits.dtype
     out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    if B * T == 0:
+        return None
     loss = torch.empty(rows, dtype=out_dtype, device=logits.device)
     score = torch.empty_like(loss)
-    if B * T == 0:
-        return loss, score
     code = _FLOAT_CODES.get(dtype)
     if code is None:
         raise TypeError(f"logits must have dtype in {_FLOATS}, got {dtype}")
@@ -292,18 +327,93 @@ def softmax_xent(
         ignore_index, label_smoothing, loss.data_ptr(), score.data_ptr(),
         gptr, *gstride, gsptr, gss,
     )  # fmt: skip
-    if logits.is_cuda:
-        status = lib.fastis_softmax_xent_cuda(packed, _stream(logits))
-    elif check_target:
-        bad = ctypes.c_int64(0)
-        status = lib.fastis_softmax_xent_cpu_count(packed, torch.get_num_threads(), bad)
-        if status == 0 and bad.value:
-            _raise_out_of_range(target, C, ignore_index)
-    else:
-        status = lib.fastis_softmax_xent_cpu(packed, torch.get_num_threads())
+    return packed, loss, score, target, grad_scale
+
+
+def xent_loss(logits, target, *, weight, reduction, ignore_index, label_smoothing, grad):
+    """The whole weighted loss of CPU rows with class indices in one library call.
+
+    ``softmax_xent``'s rows, with each gradient row scaled by its factor in the reduction
+    (``w_r``, or ``w_r / n`` for a mean over the ``n`` rows not ignored) and the reduced
+    loss ``sum_r f_r L_r`` (summed in float64).
+
+    Args:
+        logits: ``[N, C]`` or ``[B, T, C]`` CPU float32 / float64 (any strides).
+        target: int32 / int64 class indices shaped ``logits.shape[:-1]``.
+        weight: None, or non-negative finite weights in the logits' dtype shaped like the rows
+            (``[N]``, ``[B, T]``) or one per sequence (``[B, 1]``).
+        reduction: ``'none'`` | ``'sum'`` | ``'mean'``.
+        ignore_index, label_smoothing: as ``softmax_xent``'s.
+        grad: None, or the gradient's output (shaped like ``logits``, its dtype).
+
+    Returns:
+        ``(total, loss, score, n)``: the reduced loss (0-d; None for ``'none'``), the
+        unweighted row losses and scores, and the number of rows not ignored.
+
+    Raises ``ValueError`` for a negative, NaN or infinite weight and for a class index
+    outside ``[0, C)`` (read by the library in the same call).
+    """
+    # Every step of a small CPU model runs this: the argument block is packed in one call.
+    lib = _lib()
+    if not logits.is_cpu:
+        raise ValueError(f"xent_loss runs on CPU tensors, got logits on {logits.device}")
+    shape = logits.shape
+    B, T, C, lstride = _view3(logits)
+    rows = B * T
+    if logits.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"logits must be float32 or float64, got {logits.dtype}")
+    if target.shape != shape[:-1] or target.dtype not in _INDEX_CODES:
+        raise ValueError(
+            f"target must hold int32/int64 class indices shaped {tuple(shape[:-1])}, got "
+            f"{target.dtype} {tuple(target.shape)}"
+        )
+    gptr, gstride = 0, (0, 0, 0)
+    if grad is not None:
+        if grad.shape != shape or grad.dtype != logits.dtype:
+            raise ValueError(f"grad must be shaped like logits {tuple(shape)}, in their dtype")
+        gptr, gstride = grad.data_ptr(), _strides3(grad, 2)
+    # separate tensors, not views of one buffer: autograd refuses in-place updates of a
+    # custom Function's outputs that are views
+    loss = torch.empty(shape[:-1], dtype=logits.dtype)
+    score = torch.empty_like(loss)
+    total = None if reduction == "none" else loss.new_empty(())
+    if rows == 0:
+        if total is not None:
+            total.fill_(math.nan if reduction == "mean" else 0.0)
+        return total, loss, score, 0
+    wptr, ws = 0, (0, 0)
+    if weight is not None:
+        if weight.dtype != logits.dtype:
+            raise TypeError(
+                f"weight must have the logits' dtype {logits.dtype}, got {weight.dtype}"
+            )
+        wptr = weight.data_ptr()
+        if weight.dim() == 1:
+            ws = (weight.stride(0), 0)
+        else:  # [B, T], or [B, 1] per sequence (its size-1 stride read as 0)
+            ws = (weight.stride(0), weight.stride(1) if weight.shape[1] > 1 else 0)
+    packed = _XENT_LOSS.pack(
+        B, T, C, logits.data_ptr(), _DTYPES[logits.dtype], *lstride,
+        target.data_ptr(), _DTYPES[target.dtype], *_strides3(target, 1),
+        ignore_index, label_smoothing, loss.data_ptr(), score.data_ptr(),
+        gptr, *gstride, 0, 0,
+        wptr, *ws, _REDUCTIONS[reduction], 0 if total is None else total.data_ptr(),
+    )  # fmt: skip
+    info = (ctypes.c_int64 * 3)()
+    status = lib.fastis_xent_loss_cpu(packed, torch.get_num_threads(), info)
+    if status or info[1]:
+        _xent_loss_failed(lib, status, info, logits, target, weight, ignore_index)
+    return total, loss, score, info[0]
+
+
+def _xent_loss_failed(lib, status, info, logits, target, weight, ignore_index):
+    """The error for a refused weight, a failed call or class indices out of range."""
+    if status == 6 and info[2] >= 0:
+        value = weight.expand(logits.shape[:-1]).reshape(-1)[info[2]].item()
+        raise ValueError(f"sample_weight must be finite and non-negative, got {value}")
     if status:
-        _check(lib, status, "softmax_xent")
-    return loss, score
+        _check(lib, status, "xent_loss")
+    _raise_out_of_range(target, logits.shape[-1], ignore_index)
 
 
 def _raise_out_of_range(target, C, ignore_index):

@@ -18,13 +18,13 @@ mean), and its backward only multiplies that by the incoming gradient. Two users
 
 import torch
 import torch.autograd.forward_ad as forward_ad
-from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from fastis import reference
 from fastis.ops import (
     EagerFunction,
     check_values,
     count_rows,
+    dispatch_modes,
     kernels_for,
     launch_rows,
     out_dtype,
@@ -44,13 +44,13 @@ def grads_in_forward(logits: torch.Tensor, target: torch.Tensor):
         type(logits) is torch.Tensor
         and logits.requires_grad
         and logits.dtype == torch.float32
-        and logits.device.type == "cpu"
+        and logits.is_cpu
         and logits.shape[-1] > 0
         and not target.requires_grad
         and torch.is_grad_enabled()
         and forward_ad._current_level < 0
         and not torch.compiler.is_compiling()
-        and _current_dispatch_mode() is None
+        and not dispatch_modes()
     ):
         return None
     kernels = kernels_for(logits)
@@ -174,9 +174,11 @@ class GradInForward(EagerFunction):
     Positional arguments: ``logits, target, weight, reduction, ignore_index, eps, count,
     reduce, kernels``; ``weight`` the per-row factor (``[N]``, ``[B, T]`` or ``[B, 1]``) or
     None; ``count`` the mean's divisor (None: counted here, after the class indices are
-    read); ``reduce`` ``fastis.loss.reduce_rows``; ``kernels`` the module whose launcher
-    writes the gradient into a buffer (``grads_in_forward``'s), or None for the in-place
-    mode (over the logits, through the mutating op).
+    read; with class indices out of place, by the library in the same call as the loss,
+    which then also checks the weights' values); ``reduce`` ``fastis.loss.reduce_rows``;
+    ``kernels`` the module whose launcher writes the gradient into a buffer
+    (``grads_in_forward``'s), or None for the in-place mode (over the logits, through the
+    mutating op).
     """
 
     @staticmethod
@@ -190,6 +192,22 @@ class GradInForward(EagerFunction):
                 factor = factor / count
             row_loss, score = softmax_xent_(logits, target, ignore_index, eps, factor)
             grad = logits
+            loss = _reduced(row_loss, weight, factor, reduction, count, reduce)
+        elif count is None and not target.is_floating_point():
+            # the whole loss in one library call, which also checks the weights' values and
+            # the class indices and counts the rows of a mean
+            grad = torch.empty_like(logits)
+            loss, row_loss, score, count = kernels.xent_loss(
+                logits,
+                target,
+                weight=weight,
+                reduction=reduction,
+                ignore_index=ignore_index,
+                label_smoothing=eps,
+                grad=grad,
+            )
+            if reduction == "none":
+                loss = row_loss if weight is None else row_loss * weight
         else:
             clean = check_values(logits, target, ignore_index)
             if count is None and reduction == "mean":
@@ -206,12 +224,16 @@ class GradInForward(EagerFunction):
                 grad=grad,
                 grad_scale=factor,
             )
-        loss = _reduced(row_loss, weight, factor, reduction, count, reduce)
+            loss = _reduced(row_loss, weight, factor, reduction, count, reduce)
         # Not mark_dirty in the in-place mode: logits are often views (a [B, T, C] matmul
         # output), which autograd cannot rebase for a multi-output Function. The op bumps
         # their version counter, so any other op that saved them for backward raises there
         # instead of going wrong.
         count_t = count if isinstance(count, torch.Tensor) else None
+        # the row losses only for the weights' gradient: ``reduction='none'`` may return
+        # them as they are, and the caller may then update them in place
+        if not ctx.needs_input_grad[2]:
+            row_loss = None
         if inplace:
             ctx.save_for_backward(grad, row_loss, count_t)
         else:  # and what a double backward recomputes from
@@ -237,9 +259,24 @@ class GradInForward(EagerFunction):
             grad_weight = _weight_grad(ctx, row_loss, grad_loss, count)
         if ctx.inplace:
             scale_rows_(grad, grad_loss)
-        else:  # out of place: the buffer serves a second backward through the graph
+        elif _not_unit(grad_loss):
+            # out of place: the buffer serves a second backward through the graph
             grad = grad * (grad_loss if grad_loss.dim() == 0 else grad_loss[..., None])
+        # else (``loss.backward()``'s unit gradient) the buffer itself: autograd adds to a
+        # gradient that is also held elsewhere out of place, so it stays intact for a
+        # second backward
         return grad, None, grad_weight, None, None, None, None, None, None
+
+
+def _not_unit(grad_loss: torch.Tensor) -> bool:
+    """False for a CPU scalar gradient of exactly 1 (read on the host: no device to wait
+    for); True otherwise, and while a backward is traced (compiled autograd)."""
+    return (
+        torch.compiler.is_compiling()
+        or not grad_loss.is_cpu
+        or grad_loss.dim() > 0
+        or grad_loss.item() != 1.0
+    )
 
 
 def _weight_grad(ctx, row_loss, grad_loss, count):

@@ -99,7 +99,9 @@ def cross_entropy(
         >>> loss, g = fastis.cross_entropy(model(x), y, sample_weight=w, return_score=True)
         >>> loss.backward()
     """
-    logits, target, unbatched = unsqueeze_unbatched(logits, target)
+    unbatched = False
+    if not isinstance(logits, torch.Tensor) or logits.dim() == 1:
+        logits, target, unbatched = unsqueeze_unbatched(logits, target)
     if unbatched and isinstance(sample_weight, torch.Tensor):
         sample_weight = sample_weight.reshape(1) if sample_weight.dim() == 0 else sample_weight
     check_logits_target(logits, target, label_smoothing)
@@ -107,9 +109,15 @@ def cross_entropy(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     ignore_index = index_arg("ignore_index", ignore_index)
     return_score, inplace = bool_arg("return_score", return_score), bool_arg("inplace", inplace)
-    row_weight = None if sample_weight is None else _checked_weight(sample_weight, logits)
     if target.dtype == torch.uint8:
         target = target.long()
+    kernels = None if inplace else grads_in_forward(logits, target)
+    # there, with class indices and no class weights, the library checks the weights'
+    # values in the loss's own call (GradInForward)
+    library_checks = kernels is not None and weight is None and not target.is_floating_point()
+    row_weight = None
+    if sample_weight is not None:
+        row_weight = _checked_weight(sample_weight, logits, check_values=not library_checks)
     eps, factor, ignored = float(label_smoothing), None, None
     if weight is not None:
         check_class_weight(weight, logits)
@@ -120,7 +128,8 @@ def cross_entropy(
             row_weight = factor if row_weight is None else row_weight * factor
     else:  # a mean's count, out of place: after the op, which may read the class indices
         count = count_rows(target, logits, ignore_index) if inplace else None
-    kernels = None if inplace or ignored is not None else grads_in_forward(logits, target)
+    if ignored is not None:
+        kernels = None
     if inplace or kernels is not None:
         if inplace:
             check_inplace(logits)
@@ -140,10 +149,14 @@ def cross_entropy(
         loss = loss[0]
     if not return_score:
         return loss
-    score = score.detach()
+    if score.requires_grad:  # (GradInForward's is marked non-differentiable already)
+        score = score.detach()
     if factor is not None:
         score = score * factor.abs()
-    score = sequence_norm(score, logits).float()
+    if logits.dim() == 3:
+        score = sequence_norm(score, logits)
+    if score.dtype != torch.float32:
+        score = score.float()
     return loss, score[0] if unbatched else score
 
 
@@ -206,13 +219,16 @@ def _may_overlap(t: torch.Tensor) -> bool:
     return False
 
 
-def _checked_weight(weight: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """``weight`` ``[N]`` / ``[B]`` as a factor on the per-row losses ``[N]`` / ``[B, T]``."""
+def _checked_weight(
+    weight: torch.Tensor, logits: torch.Tensor, *, check_values: bool = True
+) -> torch.Tensor:
+    """``weight`` ``[N]`` / ``[B]`` as a factor on the per-row losses ``[N]`` / ``[B, T]``;
+    its values checked as ``weight_factor`` does unless ``check_values`` is False (where the
+    loss's own kernel call checks them)."""
     sequences = logits.dim() == 3
     check_rows("sample_weight", weight, logits, rows=logits.shape[:1] if sequences else None)
-    weight = weight_factor(
-        weight, torch.float64 if logits.dtype == torch.float64 else torch.float32
-    )
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    weight = weight_factor(weight, dtype) if check_values else weight.to(dtype)
     return weight[:, None] if sequences else weight
 
 

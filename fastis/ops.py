@@ -28,7 +28,6 @@ except the class-index range check on CPU tensors.
 """
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from fastis import reference
 from fastis._backend import kernel_backend
@@ -36,6 +35,11 @@ from fastis._backend import kernel_backend
 
 def out_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+# how many dispatch modes are active (torch.utils._python_dispatch's
+# _get_current_dispatch_mode tests the same, in one more Python frame)
+dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
 def kernels_for(logits: torch.Tensor):
@@ -71,11 +75,19 @@ def launch_rows(kernels, logits, target, ignore_index: int, label_smoothing: flo
     """``kernels.softmax_xent(...)`` with the class-index check of ``check_values``: the
     native library counts indices out of range in its own read of the targets (on the CPU;
     the same ``ValueError``), for the Triton kernels they are read once before."""
-    options = {"ignore_index": ignore_index, "label_smoothing": label_smoothing, **grad}
     if kernels.__name__ == "fastis._native":
-        return kernels.softmax_xent(logits, target, check_target=True, **options)
+        return kernels.softmax_xent(
+            logits,
+            target,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            check_target=True,
+            **grad,
+        )
     check_values(logits, target, ignore_index)
-    return kernels.softmax_xent(logits, target, **options)
+    return kernels.softmax_xent(
+        logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing, **grad
+    )
 
 
 def row_scale(scale: torch.Tensor, kernels) -> torch.Tensor:
@@ -255,9 +267,9 @@ def _direct(tensor, op, kernel):
     ``torch.compile`` or ``make_fx`` traces."""
     eager = (
         type(tensor) is torch.Tensor
-        and tensor.device.type in ("cpu", "cuda")
+        and (tensor.is_cpu or tensor.is_cuda)
         and not torch.compiler.is_compiling()
-        and _current_dispatch_mode() is None
+        and not dispatch_modes()
     )
     return kernel if eager else op
 
@@ -273,7 +285,9 @@ class EagerFunction(torch.autograd.Function):
         # torch.func transform needs the full path.
         if torch._C._are_functorch_transforms_active():
             return super().apply(*args)
-        args = torch._functorch.utils.unwrap_dead_wrappers(args)
+        # torch._functorch.utils.unwrap_dead_wrappers, without its generator
+        unwrap = torch._C._functorch.unwrap_if_dead
+        args = [unwrap(a) if isinstance(a, torch.Tensor) else a for a in args]
         return super(torch.autograd.Function, cls).apply(*args)
 
 
@@ -328,9 +342,9 @@ def softmax_xent_autograd(
         return (*softmax_xent(logits, target, ignore_index, label_smoothing, compute_score), None)
     eager_cpu = (
         type(logits) is torch.Tensor
-        and logits.device.type == "cpu"
+        and logits.is_cpu
         and logits.shape[-1] > 0
-        and _current_dispatch_mode() is None
+        and not dispatch_modes()
         and kernels_for(logits) is None
     )
     if not eager_cpu:

@@ -80,10 +80,16 @@ def score(
     if target.dtype == torch.uint8:
         target = target.long()
     eps, factor = float(label_smoothing), None
-    logits, target = logits.detach(), target.detach()
+    # (detached only where needed: each op costs microseconds in a small model's step)
+    logits = logits.detach() if logits.requires_grad else logits
+    target = target.detach() if target.requires_grad else target
     if weight is None and features is None:
         # (nothing here requires grad: no grad-mode switch, a few microseconds a call)
-        g = sequence_norm(row_scores(logits, target, ignore_index, eps), logits).float()
+        g = row_scores(logits, target, ignore_index, eps)
+        if logits.dim() == 3:
+            g = sequence_norm(g, logits)
+        if g.dtype != torch.float32:
+            g = g.float()
         return g[0] if unbatched else g
     with torch.no_grad():
         if weight is not None:

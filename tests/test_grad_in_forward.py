@@ -165,3 +165,88 @@ def test_all_rows_ignored(native_backend, monkeypatch):
     zd, _, (loss_d, _) = _oracle(monkeypatch, z, y)
     loss_d.backward()
     torch.testing.assert_close(z.grad.double(), zd.grad, equal_nan=True)
+
+
+def test_the_library_reduces_class_index_rows(native_backend, monkeypatch):
+    """Class indices without class weights: the whole loss is one library call
+    (``_native.xent_loss``); soft targets and class weights take the row kernel."""
+    from fastis import _native
+
+    calls = []
+    real = _native.xent_loss
+    monkeypatch.setattr(_native, "xent_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    z = torch.randn(6, 4, requires_grad=True)
+    y = torch.randint(0, 4, (6,))
+    for reduction in ("mean", "sum", "none"):
+        fastis.cross_entropy(z, y, sample_weight=torch.rand(6), reduction=reduction)
+    assert len(calls) == 3
+    fastis.cross_entropy(z, y, weight=torch.rand(4) + 0.5)
+    fastis.cross_entropy(z, torch.rand(6, 4).softmax(-1))
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf")])
+@pytest.mark.parametrize("sequences", [False, True])
+def test_bad_weights_raise_with_their_value(native_backend, bad, sequences):
+    shape = (3, 2, 5) if sequences else (6, 5)
+    z = torch.randn(shape, requires_grad=True)
+    y = torch.randint(0, 5, shape[:-1])
+    w = torch.rand(shape[0]) + 0.5
+    w[1] = bad
+    with pytest.raises(
+        ValueError, match=f"sample_weight must be finite and non-negative, got {bad}"
+    ):
+        fastis.cross_entropy(z, y, sample_weight=w)
+    assert z.grad is None
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_rows(native_backend, reduction):
+    z = torch.randn(0, 4, requires_grad=True)
+    y = torch.zeros(0, dtype=torch.long)
+    loss, score = fastis.cross_entropy(z, y, reduction=reduction, return_score=True)
+    expected = torch.nn.functional.cross_entropy(z, y, reduction=reduction)
+    torch.testing.assert_close(loss, expected, equal_nan=True)
+    assert score.shape == (0,)
+    loss.sum().backward()
+    assert z.grad.shape == (0, 4)
+
+
+def test_the_unit_gradient_keeps_the_buffer_intact(native_backend):
+    """``loss.backward()`` hands back the saved gradient itself: accumulating into the
+    leaf's ``.grad`` across backward passes (and an in-place edit of ``.grad``) must not
+    change what a later backward of the same graph gives."""
+    z = torch.randn(8, 5, requires_grad=True)
+    y = torch.randint(0, 5, (8,))
+    loss = fastis.cross_entropy(z, y, sample_weight=torch.rand(8) + 0.5)
+    loss.backward(retain_graph=True)
+    first = z.grad.clone()
+    z.grad.mul_(3.0)  # an in-place edit of the accumulated gradient
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(z.grad, 4 * first)
+    z.grad = None
+    loss.backward()
+    torch.testing.assert_close(z.grad, first)
+    h = torch.randn(8, 5, requires_grad=True)  # through a non-leaf, twice
+    out = fastis.cross_entropy(h * 2, y)
+    out.backward(retain_graph=True)
+    g1 = h.grad.clone()
+    out.backward()
+    torch.testing.assert_close(h.grad, 2 * g1)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_outputs_may_be_updated_in_place(native_backend, reduction):
+    """As ``F.cross_entropy``'s: the loss and the score are tensors of their own."""
+    z = torch.randn(6, 4, requires_grad=True)
+    y = torch.randint(0, 4, (6,))
+    loss, score = fastis.cross_entropy(z, y, reduction=reduction, return_score=True)
+    assert _uses_grad_in_forward(loss)
+    expected = fastis.score(z, y)
+    loss.mul_(2)
+    score.mul_(3)
+    loss.sum().backward()
+    torch.testing.assert_close(score, 3 * expected)
+    z2 = z.detach().requires_grad_()
+    torch.nn.functional.cross_entropy(z2, y, reduction=reduction).mul(2).sum().backward()
+    torch.testing.assert_close(z.grad, z2.grad)

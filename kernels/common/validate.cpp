@@ -127,6 +127,36 @@ fastis_status validate_xent(const fastis_xent_args* a) {
   return FASTIS_OK;
 }
 
+fastis_status validate_xent_loss(const fastis_xent_loss_args* a) {
+  if (a == nullptr) return FASTIS_ERR_NULL_POINTER;
+  const fastis_xent_args& r = a->rows;
+  fastis_status st = validate_xent(&r);
+  if (st != FASTIS_OK) return st;
+  if (!is_index(r.target_dtype)) return FASTIS_ERR_UNSUPPORTED_DTYPE;  // class indices only
+  if (r.grad_scale != nullptr) return FASTIS_ERR_INVALID_VALUE;
+  if (a->reduction < FASTIS_REDUCTION_NONE || a->reduction > FASTIS_REDUCTION_MEAN)
+    return FASTIS_ERR_INVALID_VALUE;
+  const int32_t out = r.logits_dtype == FASTIS_FLOAT64 ? FASTIS_FLOAT64 : FASTIS_FLOAT32;
+  const int64_t rows = r.B * r.T, flat[3] = {1, 0, 0};
+  Span loss, score, grad, total, weight;
+  check_view(r.loss, out, rows, 1, 1, flat, &loss);  // checked by validate_xent
+  check_view(r.score, out, rows, 1, 1, flat, &score);
+  if (r.grad != nullptr) check_view(r.grad, r.logits_dtype, r.B, r.T, r.C, r.grad_stride, &grad);
+  if (a->total != nullptr || a->reduction != FASTIS_REDUCTION_NONE) {
+    if ((st = check_view(a->total, out, 1, 1, 1, flat, &total)) != FASTIS_OK) return st;
+    if (overlaps(total, loss) || overlaps(total, score) || overlaps(total, grad))
+      return FASTIS_ERR_OVERLAP;
+  }
+  if (a->weight != nullptr) {
+    const int64_t ws[3] = {a->weight_stride[0], a->weight_stride[1], 0};
+    if ((st = check_view(a->weight, out, r.B, r.T, 1, ws, &weight)) != FASTIS_OK) return st;
+    if (overlaps(weight, loss) || overlaps(weight, score) || overlaps(weight, grad) ||
+        overlaps(weight, total))
+      return FASTIS_ERR_OVERLAP;
+  }
+  return FASTIS_OK;
+}
+
 fastis_status validate_scale_rows(int64_t B, int64_t T, int64_t C, const void* grad,
                                   int32_t grad_dtype, const int64_t grad_stride[3],
                                   const void* scale, int32_t scale_dtype, int64_t scale_stride) {

@@ -31,6 +31,7 @@ bool same_layout(int64_t B, int64_t T, int64_t C, const int64_t s[3], const int6
 bool checked_rows(int64_t B, int64_t T, int64_t C, int64_t* rows);
 
 fastis_status validate_xent(const fastis_xent_args* a);
+fastis_status validate_xent_loss(const fastis_xent_loss_args* a);
 fastis_status validate_scale_rows(int64_t B, int64_t T, int64_t C, const void* grad,
                                   int32_t grad_dtype, const int64_t grad_stride[3],
                                   const void* scale, int32_t scale_dtype, int64_t scale_stride);

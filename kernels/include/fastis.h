@@ -40,7 +40,7 @@ extern "C" {
 #endif
 
 #define FASTIS_VERSION_MAJOR 0
-#define FASTIS_VERSION_MINOR 2
+#define FASTIS_VERSION_MINOR 3
 #define FASTIS_VERSION_PATCH 0
 /* major * 10000 + minor * 100 + patch */
 #define FASTIS_VERSION \
@@ -76,7 +76,7 @@ typedef struct CUstream_st* fastis_stream_t;
 
 /* FASTIS_VERSION of the library actually loaded (compare with the header's). */
 FASTIS_API int32_t fastis_version(void);
-/* "0.2.0" */
+/* "0.3.0" */
 FASTIS_API const char* fastis_version_string(void);
 /* 1 when the library was built with its CUDA kernels, else 0. */
 FASTIS_API int32_t fastis_has_cuda(void);
@@ -132,6 +132,50 @@ FASTIS_API fastis_status fastis_softmax_xent_cuda(const fastis_xent_args* args,
 FASTIS_API fastis_status fastis_softmax_xent_cpu_count(const fastis_xent_args* args,
                                                        int32_t num_threads,
                                                        int64_t* out_of_range);
+
+/*
+ * The whole weighted loss of hard-target rows in one call (since 0.3): fastis_softmax_xent_cpu
+ * with each row's gradient scaled by its factor in the reduction, and the reduced loss.
+ *
+ * rows        as for fastis_softmax_xent_cpu, with class indices (int32 / int64) and
+ *             rows.grad_scale NULL (the factors come from weight and reduction below).
+ *             rows.loss receives the unweighted row losses L_r.
+ * weight      NULL (1 for every row), or per-row weights in the loss dtype: row (b, t) at
+ *             weight[b * weight_stride[0] + t * weight_stride[1]] (weight_stride[1] = 0: one
+ *             weight per sequence). Every weight must be finite and >= 0, else
+ *             FASTIS_ERR_INVALID_VALUE, info->bad_weight names the first such row, and no
+ *             output is written. It may not overlap an output.
+ * reduction   FASTIS_REDUCTION_NONE, _SUM or _MEAN. With n the rows whose class index is not
+ *             ignore_index, a row's factor f_r is w_r (none, sum) or w_r / n (mean); rows.grad
+ *             (when not NULL) receives f_r * dL_r / dz_r, and *total (one value, loss dtype;
+ *             unused for none and may be NULL there) sum_r f_r L_r, summed in float64. A mean
+ *             over no row is NaN (and every gradient row 0).
+ * info        counted = n; out_of_range = rows whose class index is outside [0, C) and not
+ *             ignore_index (their loss, score and gradient are NaN: the caller decides);
+ *             bad_weight = -1 unless a weight was refused.
+ */
+typedef enum fastis_reduction {
+  FASTIS_REDUCTION_NONE = 0,
+  FASTIS_REDUCTION_SUM = 1,
+  FASTIS_REDUCTION_MEAN = 2
+} fastis_reduction;
+
+typedef struct fastis_xent_loss_args {
+  fastis_xent_args rows;
+  const void* weight;
+  int64_t weight_stride[2];
+  int32_t reduction;
+  void* total;
+} fastis_xent_loss_args;
+
+typedef struct fastis_xent_loss_info {
+  int64_t counted;
+  int64_t out_of_range;
+  int64_t bad_weight;
+} fastis_xent_loss_info;
+
+FASTIS_API fastis_status fastis_xent_loss_cpu(const fastis_xent_loss_args* args,
+                                              int32_t num_threads, fastis_xent_loss_info* info);
 
 /*
  * The backward of a sum of scaled rows: grad[b, t, :] *= scale[r * scale_stride] in place,

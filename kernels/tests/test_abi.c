@@ -90,7 +90,7 @@ static void expect_xent(const fastis_xent_args* a, fastis_status want, int line)
 
 static void test_queries(void) {
   EXPECT(fastis_version() == FASTIS_VERSION);
-  EXPECT(strcmp(fastis_version_string(), "0.2.0") == 0);
+  EXPECT(strcmp(fastis_version_string(), "0.3.0") == 0);
   EXPECT(strcmp(fastis_status_string(FASTIS_OK), "FASTIS_OK") == 0);
   for (int s = 1; s <= FASTIS_ERR_INTERNAL; ++s)
     EXPECT(strncmp(fastis_status_string(s), "FASTIS_ERR_", 11) == 0);
@@ -267,11 +267,96 @@ static void test_alias_errors(void) {
   }
 }
 
+/* fastis_xent_loss_cpu: its refusals, and its outputs against fastis_softmax_xent_cpu's rows. */
+static void test_xent_loss(void) {
+  for (int i = 0; i < B * C; ++i) logits[i] = (float)((i * 7) % 11) * 0.3f - 1.0f;
+  target[0] = 4, target[1] = -100, target[2] = 0;
+  float weight[B] = {0.5f, 2.0f, 1.5f}, total = -7.0f;
+  float plain_loss[B], plain_grad[B * C];
+  fastis_xent_args rows = good_args();
+  rows.grad = plain_grad;
+  EXPECT_STATUS(fastis_softmax_xent_cpu(&rows, 1), FASTIS_OK);
+  memcpy(plain_loss, loss, sizeof loss);
+
+  fastis_xent_loss_args a;
+  memset(&a, 0, sizeof a);
+  a.rows = good_args();
+  a.rows.grad = grad;
+  a.weight = weight, a.weight_stride[0] = 1;
+  a.reduction = FASTIS_REDUCTION_MEAN, a.total = &total;
+  fastis_xent_loss_info info;
+  EXPECT_STATUS(fastis_xent_loss_cpu(&a, 1, &info), FASTIS_OK);
+  EXPECT(info.counted == 2 && info.out_of_range == 0 && info.bad_weight == -1);
+  double want = (0.5 * plain_loss[0] + 1.5 * plain_loss[2]) / 2;
+  EXPECT(fabs(total - want) <= 1e-6 * fabs(want));
+  for (int i = 0; i < B; ++i) EXPECT(loss[i] == plain_loss[i]);
+  for (int k = 0; k < C; ++k) {
+    EXPECT(fabsf(grad[k] - 0.25f * plain_grad[k]) <= 1e-7f);
+    EXPECT(grad[C + k] == 0.0f);
+    EXPECT(fabsf(grad[2 * C + k] - 0.75f * plain_grad[2 * C + k]) <= 1e-7f);
+  }
+  /* one weight per sequence: rows (b, t) of a [1, 3] batch share weight[0] */
+  a.rows.B = 1, a.rows.T = B;
+  a.rows.logits_stride[0] = 0, a.rows.logits_stride[1] = C;
+  a.rows.target_stride[0] = 0, a.rows.target_stride[1] = 1;
+  a.rows.grad_stride[0] = 0, a.rows.grad_stride[1] = C;
+  a.weight_stride[0] = 1, a.weight_stride[1] = 0;
+  a.reduction = FASTIS_REDUCTION_SUM;
+  EXPECT_STATUS(fastis_xent_loss_cpu(&a, 1, &info), FASTIS_OK);
+  want = 0.5 * (plain_loss[0] + plain_loss[2]);
+  EXPECT(fabs(total - want) <= 1e-6 * fabs(want));
+  a = (fastis_xent_loss_args){0};
+  a.rows = good_args();
+  a.reduction = FASTIS_REDUCTION_MEAN, a.total = &total;
+
+  /* refusals: nothing written */
+  float bad_values[3] = {-1.0f, NAN, INFINITY};
+  for (int k = 0; k < 3; ++k) {
+    float w[B] = {1.0f, 1.0f, 1.0f};
+    w[2] = bad_values[k];
+    a.weight = w, a.weight_stride[0] = 1;
+    reset_outputs();
+    total = -7.0f;
+    EXPECT_STATUS(fastis_xent_loss_cpu(&a, 1, &info), FASTIS_ERR_INVALID_VALUE);
+    EXPECT(info.bad_weight == 2 && outputs_untouched() && total == -7.0f);
+  }
+  a.weight = weight;
+  EXPECT_STATUS(fastis_xent_loss_cpu(&a, 1, NULL), FASTIS_ERR_NULL_POINTER);
+  EXPECT_STATUS(fastis_xent_loss_cpu(NULL, 1, &info), FASTIS_ERR_NULL_POINTER);
+  a.total = NULL;
+  EXPECT_STATUS(fastis_xent_loss_cpu(&a, 1, &info), FASTIS_ERR_NULL_POINTER);
+  a.total = &total, a.reduction = 3;
+  EXPECT_STATUS(fastis_xent_loss_cpu(&a, 1, &info), FASTIS_ERR_INVALID_VALUE);
+  a.reduction = FASTIS_REDUCTION_SUM, a.rows.grad_scale = weight;
+  EXPECT_STATUS(fastis_xent_loss_cpu(&a, 1, &info), FASTIS_ERR_INVALID_VALUE);
+  a.rows.grad_scale = NULL, a.weight = loss;
+  EXPECT_STATUS(fastis_xent_loss_cpu(&a, 1, &info), FASTIS_ERR_OVERLAP);
+  a.weight = weight, a.total = &score[1];
+  EXPECT_STATUS(fastis_xent_loss_cpu(&a, 1, &info), FASTIS_ERR_OVERLAP);
+  a.total = &total, a.weight = (const char*)weight + 1;
+  EXPECT_STATUS(fastis_xent_loss_cpu(&a, 1, &info), FASTIS_ERR_MISALIGNED);
+  a.weight = weight, a.weight_stride[0] = -1;
+  EXPECT_STATUS(fastis_xent_loss_cpu(&a, 1, &info), FASTIS_ERR_INVALID_STRIDE);
+  a.weight_stride[0] = 1, a.rows.target = logits, a.rows.target_dtype = FASTIS_FLOAT32;
+  a.rows.target_stride[2] = 1;
+  EXPECT_STATUS(fastis_xent_loss_cpu(&a, 1, &info), FASTIS_ERR_UNSUPPORTED_DTYPE);
+  a.rows = good_args();
+  a.rows.B = -1;
+  EXPECT_STATUS(fastis_xent_loss_cpu(&a, 1, &info), FASTIS_ERR_INVALID_SIZE);
+  /* a class index out of range is counted, not refused */
+  a.rows = good_args();
+  target[1] = 9;
+  EXPECT_STATUS(fastis_xent_loss_cpu(&a, 1, &info), FASTIS_OK);
+  EXPECT(info.out_of_range == 1 && info.counted == 3 && isnan(loss[1]) && isnan(total));
+  target[1] = 1;
+}
+
 int main(void) {
   test_queries();
   test_xent_errors();
   test_scale_rows_errors();
   test_alias_errors();
+  test_xent_loss();
   if (failures) fprintf(stderr, "%d failure(s)\n", failures);
   else printf("test_abi: all passed\n");
   return failures ? 1 : 0;
