@@ -14,11 +14,15 @@ yields the same batches as int64 tensors), and share one per-step protocol::
 
 The modules, one job each:
 
-- ``importance``: ``ImportanceSampler``; ``history``: ``HistorySampler``;
+- ``importance``: ``ImportanceSampler``, the wiring of one step; ``importance_state``:
+  its checkpoint format; ``importance_report``: what a user reads (``tau``, ``stats()``);
+- ``history``: ``HistorySampler``;
 - ``switch``: ``compute_tau``, ``default_tau_th`` and the smoothed ``tau`` with its host
   read;
 - ``measured``: ``MeasuredSwitch``, the opt-in switch from measured step costs, the
   variance reduction and a progress signal;
+- ``lr_gain``: ``LRGain``, the opt-in learning-rate gain while importance sampling is
+  on (AdaScale's, from the variance reduction and the gradients' noise share);
 - ``reuse``: amortised scoring, one scored presample serving ``draws_per_presample``
   steps;
 - ``noise``: an importance step's gradient noise against a uniform batch, and the
@@ -33,7 +37,15 @@ The modules, one job each:
 
 from fastis.sampling.history import HistorySampler
 from fastis.sampling.importance import ImportanceSampler
+from fastis.sampling.lr_gain import LRGain
 from fastis.sampling.measured import MeasuredSwitch
 from fastis.sampling.switch import compute_tau, default_tau_th
 
-__all__ = ["HistorySampler", "ImportanceSampler", "MeasuredSwitch", "compute_tau", "default_tau_th"]
+__all__ = [
+    "HistorySampler",
+    "ImportanceSampler",
+    "LRGain",
+    "MeasuredSwitch",
+    "compute_tau",
+    "default_tau_th",
+]

@@ -7,25 +7,20 @@ import torch
 from fastis._backend import use_triton
 from fastis._checks import float_arg, int_arg
 from fastis.sampling.batches import device_of, take_rows
-from fastis.sampling.checks import check_header, state_int
 from fastis.sampling.draw import PresampleDraw, score_presample
+from fastis.sampling.importance_report import ImportanceReport
+from fastis.sampling.importance_state import ImportanceState
 from fastis.sampling.measured import MeasuredSwitch
-from fastis.sampling.noise import constant_noise_rows, noise_args
+from fastis.sampling.noise import constant_noise_rows, noise_args, variance_reduction
 from fastis.sampling.reuse import PresampleBatch, PresampleReuse
-from fastis.sampling.stream import (
-    STREAM_KEYS,
-    BatchStream,
-    Permutations,
-    derive_seed,
-)
+from fastis.sampling.stream import BatchStream, Permutations, derive_seed
 from fastis.sampling.switch import SmoothedTau, default_tau_th
 from fastis.score import score as default_score
 
 _PERMUTATION, _DRAWS = 1, 2  # derive_seed keys of the two streams
-STATE_VERSION = 3  # 3: draws_per_presample, switch (2 had neither)
 
 
-class ImportanceSampler(BatchStream):
+class ImportanceSampler(ImportanceReport, ImportanceState, BatchStream):
     r"""Importance sampling with the variance-reduction switch (Algorithm 1 of Katharopoulos
     & Fleuret, ICML 2018), as a ``torch.utils.data`` batch sampler.
 
@@ -151,6 +146,9 @@ class ImportanceSampler(BatchStream):
         steps, steps_importance, steps_uniform: selected batches, in all and per mode.
         last_indices: data set indices of the batch ``select`` last returned (a tensor on
             the batch's device, built when first read).
+        variance_reduction: the estimated variance reduction of that batch against a
+            uniform batch of ``b`` (a host float; exactly 1.0 when it was uniform), the
+            batch scale of ``fastis.LRGain``'s learning-rate gain.
 
     Iteration: ``iter(sampler)`` yields lists of indices (what a ``DataLoader``'s
     ``batch_sampler`` must yield); ``sampler.index_tensors(device)`` yields the same
@@ -166,11 +164,12 @@ class ImportanceSampler(BatchStream):
         ...     sampler.update(g)
         ...     opt.zero_grad(); loss.backward(); opt.step()
 
-    (Why this class is long: about half of it is this docstring, the user's one reference
-    for Algorithm 1 and its options. The parts live in their own modules: the index stream
-    in ``stream``, the switch in ``switch`` / ``measured``, the draw in ``draw``, the
-    amortised presample in ``reuse``, the constant-noise sizes in ``noise``; what stays here
-    is the wiring of one step and the checkpoint format, which must see all of them.)
+    (Most of this class is this docstring, the user's one reference for Algorithm 1 and
+    its options; what stays here is the wiring of one step. The parts live in their own
+    modules: the index stream in ``stream``, the switch in ``switch`` / ``measured``, the
+    draw in ``draw``, the amortised presample in ``reuse``, the constant-noise sizes in
+    ``noise``, the checkpoint format in ``importance_state`` and what a user reads
+    (``tau``, ``stats()``, ``last_indices``, the ``repr``) in ``importance_report``.)
     """
 
     def __init__(
@@ -236,6 +235,8 @@ class ImportanceSampler(BatchStream):
         # what last_indices is built from: (batch, drawn positions or None, device), or
         # the tensor once built
         self._last: tuple | torch.Tensor | None = None
+        self._tau_read = 0.0  # tau as the last decision read it
+        self._last_vr = 1.0  # the variance reduction of the batch select last returned
 
     # -- the index stream ---------------------------------------------------------------
 
@@ -266,7 +267,7 @@ class ImportanceSampler(BatchStream):
     def _decide(self) -> bool:
         """The mode of the next fresh batch (and its rows when on): the one host read of
         ``tau`` per decision."""
-        tau = self._switch.host_value()
+        tau = self._tau_read = self._switch.host_value()
         k, b, big_b = self.draws_per_presample, self.batch_size, self.presample_size
         if self.constant_noise:
             self._rows = constant_noise_rows(tau, b, big_b, k, self.min_batch_size)
@@ -313,7 +314,7 @@ class ImportanceSampler(BatchStream):
             n = batch.size
             self._commit(n)
             self.steps_uniform += 1
-            self._last = (batch, None, dev)
+            self._selected(batch, None, dev)
             return inputs, targets, torch.ones(n, device=dev)  # fresh: the caller's to keep
         if batch.draw:  # a reuse: no scoring, the next row of the presample's draws
             pos, w = self._reuse.take(batch.draw)
@@ -322,7 +323,7 @@ class ImportanceSampler(BatchStream):
             self._commit(batch.rows, needs_update=False)
             self.steps_importance += 1
             self.weighted_rows += batch.rows
-            self._last = (batch, pos, dev)
+            self._selected(batch, pos, dev)
             return take_rows(inputs, pos), take_rows(targets, pos), w
         scores = score_presample(  # may raise: nothing has changed yet
             model,
@@ -350,8 +351,17 @@ class ImportanceSampler(BatchStream):
         self.presamples += 1
         self.steps_importance += 1
         self.weighted_rows += rows
-        self._last = (batch, pos, dev)
+        self._selected(batch, pos, dev)
         return take_rows(inputs, pos), take_rows(targets, pos), w
+
+    def _selected(self, batch: PresampleBatch, pos, dev: torch.device) -> None:
+        # what last_indices and variance_reduction read: the batch, its drawn positions
+        # (None when off), and its reduction from the tau that decided it (host floats)
+        self._last = (batch, pos, dev)
+        self._last_vr = 1.0
+        if batch.active:
+            k, b, big_b = self.draws_per_presample, self.batch_size, self.presample_size
+            self._last_vr = variance_reduction(self._tau_read, batch.rows, b, big_b, k)
 
     def update(self, scores: torch.Tensor) -> None:
         """Feeds back the training batch's scores (``[n]``, one per row that ``select``
@@ -375,208 +385,3 @@ class ImportanceSampler(BatchStream):
             return None
         k, b, big_b = self.draws_per_presample, self.batch_size, self.presample_size
         return self.switch.cost_ratio(b, big_b, k, self._rows)
-
-    @property
-    def last_indices(self) -> torch.Tensor | None:
-        """Data set indices (int64) of the batch ``select`` last returned, on the batch's
-        device (None before any): built at the first read after each ``select`` (so a step
-        that never reads it pays nothing for it), the caller's to keep."""
-        if self._last is None or isinstance(self._last, torch.Tensor):
-            return self._last
-        batch, pos, dev = self._last
-        index = batch.index
-        if pos is not None:  # from pageable memory: staged at once, no wait
-            out = index.to(dev, non_blocking=True).index_select(0, pos)
-        elif dev.type == "cpu":
-            out = index.clone()
-        else:
-            out = index.to(dev, non_blocking=True)
-        self._last = out
-        return out
-
-    # -- what a user logs -------------------------------------------------------------
-
-    @property
-    def tau(self) -> float:
-        """The smoothed variance-reduction estimate (reads it on the host: on CUDA, waits
-        for the work queued up to the last update)."""
-        return self._switch.host_value()
-
-    @property
-    def is_active(self) -> bool:
-        """Whether the next batch drawn will be a presample (``tau > tau_th``); with a
-        ``MeasuredSwitch``, its last decision (``switch.on``)."""
-        return self.tau > self.tau_th if self.switch is None else self.switch.on
-
-    def stats(self) -> dict:
-        """Plain values to log (one host synchronisation): ``tau``, ``tau_new`` (the last
-        update's, NaN if skipped), ``tau_th``, ``is_active``, ``steps``,
-        ``steps_importance``, ``steps_uniform``, ``mean_weight`` / ``max_weight`` (over the
-        importance-sampled examples; NaN / 0 before any), ``invalid_score_steps`` (NaN,
-        inf or negative scores: tau kept, uniform fallback), ``zero_score_steps``,
-        ``missing_updates`` (off steps whose scores were never fed back: tau cannot rise),
-        ``presamples`` (scored presamples; ``steps_importance / draws_per_presample`` or
-        a little more), ``weighted_rows`` (rows returned by importance steps:
-        ``steps_importance * b`` but in the constant-noise mode); with a
-        ``MeasuredSwitch``, ``switch``: its last decision's ``tau``,
-        ``variance_reduction``, ``noise_share``, ``benefit``, ``cost_ratio``, and the
-        smoothed step times ``seconds_uniform`` / ``_presample`` / ``_reuse`` (None
-        before any)."""
-        tau, tau_new = self._switch.host_value(), self._switch.host_new()
-        counts = self._draw.values()
-        n_weights = self.weighted_rows
-        return {
-            "tau": tau,
-            "tau_new": tau_new,
-            "tau_th": self.tau_th,
-            "is_active": tau > self.tau_th if self.switch is None else self.switch.on,
-            "steps": self.steps,
-            "steps_importance": self.steps_importance,
-            "steps_uniform": self.steps_uniform,
-            "mean_weight": counts["weight_sum"] / n_weights if n_weights else float("nan"),
-            "max_weight": counts["weight_max"],
-            "invalid_score_steps": int(counts["invalid_steps"]) + self._switch.host_invalid(),
-            "zero_score_steps": int(counts["zero_steps"]) + self._switch.host_zero(),
-            "missing_updates": self.missing_updates,
-            "presamples": self.presamples,
-            "weighted_rows": self.weighted_rows,
-            **({} if self.switch is None else {"switch": self._switch_stats()}),
-        }
-
-    def _switch_stats(self) -> dict:
-        sw = self.switch
-        times = {f"seconds_{k}": sw.seconds(k) for k in ("uniform", "presample", "reuse")}
-        return {**sw.last, **times}
-
-    def __repr__(self) -> str:
-        return (
-            f"ImportanceSampler(num_samples={self.num_samples}, batch_size={self.batch_size}"
-            f", presample_size={self.presample_size}, tau_th={self.tau_th:.4g}, "
-            f"a_tau={self.a_tau}, num_replicas={self.num_replicas}, rank={self.rank}"
-            + (f", draws_per_presample={k}" if (k := self.draws_per_presample) > 1 else "")
-            + ("" if self.switch is None else f", switch={self.switch!r}")
-            + (
-                f", constant_noise=True, min_batch_size={self.min_batch_size}"
-                if self.constant_noise
-                else ""
-            )
-            + ")"
-        )
-
-    # -- checkpoints ------------------------------------------------------------------
-
-    _STATE_KEYS = (
-        "config",
-        "tau",
-        "tau_new",
-        *PresampleDraw.COUNTERS,
-        "pass",
-        "cursor",
-        "steps_importance",
-        "steps_uniform",
-        "presamples",
-        "weighted_rows",
-        "rows",
-        "generator",
-        "reuse",
-        "plan",
-        "switch",
-        *STREAM_KEYS,
-    )
-
-    def _config(self) -> dict:
-        return {
-            "num_samples": self.num_samples,
-            "batch_size": self.batch_size,
-            "presample_size": self.presample_size,
-            "tau_th": self.tau_th,
-            "a_tau": self.a_tau,
-            "seed": self.seed,
-            "num_replicas": self.num_replicas,
-            "rank": self.rank,
-            "draws_per_presample": self.draws_per_presample,
-            "switch": None if self.switch is None else "measured",
-            "constant_noise": self.constant_noise,
-            "min_batch_size": self.min_batch_size,
-        }
-
-    def state_dict(self) -> dict:
-        """Plain values and CPU tensors under named keys: the configuration (checked on
-        load), ``tau`` / ``tau_new``, the counters behind ``stats()``, the stream position
-        (``pass``, ``cursor``), the batches yielded but not yet selected (a prefetching
-        ``DataLoader``'s, replayed first after a resume), the draw generator's state, the
-        presample cycle in progress (``reuse``: the presample still to be yielded again;
-        ``plan``: its drawn positions and weights not yet served) and the measured
-        switch's state (``switch``: step times, counts, last decision, and across ranks the
-        shared cost ratio; None without one). Reads the device state once (a
-        synchronisation). Format version 3."""
-        return {
-            "kind": type(self).__name__,
-            "version": STATE_VERSION,
-            "config": self._config(),
-            **self._switch.state_dict(),
-            **self._draw_state(),
-            **self._stream.state_dict(),
-            "steps_importance": self.steps_importance,
-            "steps_uniform": self.steps_uniform,
-            "presamples": self.presamples,
-            "weighted_rows": self.weighted_rows,
-            "rows": self._rows,
-            **self._reuse.state_dict(),
-            "switch": None if self.switch is None else self.switch.state_dict(self._switch),
-            **self._stream_state(),
-        }
-
-    def _draw_state(self) -> dict:
-        # the steps' invalid and all-zero scores are counted on the host as tau is folded
-        st = self._draw.state_dict()
-        st["invalid_steps"] = st["invalid_steps"] + self._switch.host_invalid()
-        st["zero_steps"] = st["zero_steps"] + self._switch.host_zero()
-        return st
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Restores a ``state_dict()`` of a sampler with the same configuration (data set
-        size, sizes, ``tau_th``, ``a_tau``, seed, ranks; else ``ValueError``), validating
-        every value as the constructor validates its arguments (types, ranges, shapes; a
-        refused state leaves the sampler unchanged). The next iteration continues the
-        interrupted epoch, replaying the batches that were yielded but not selected, so a
-        resumed run draws what the uninterrupted one would have. The draw generator's
-        state applies when its device type matches (otherwise it is re-seeded). Take
-        ``state_dict()`` between steps (after ``update``)."""
-        check_header(
-            state_dict, type(self).__name__, STATE_VERSION, self._STATE_KEYS, self._config()
-        )
-        st = state_dict
-        position = self._stream.parse_state(st)
-        steps_importance = state_int(st, "steps_importance")
-        steps_uniform = state_int(st, "steps_uniform")
-        draws = self._draw.parse_state(st)
-        if (
-            float(draws["zero_steps"]) > steps_importance
-            or float(draws["invalid_steps"]) > steps_importance + steps_uniform
-        ):
-            raise ValueError("state_dict's invalid_steps / zero_steps exceed its step counts")
-        tau = self._switch.parse_state(st)
-        presamples = state_int(st, "presamples", 0, steps_importance)
-        weighted_rows = state_int(st, "weighted_rows", 0, steps_importance * self.batch_size)
-        rows = state_int(st, "rows", 1, self.batch_size)
-        reuse = self._reuse.parse_state(st)
-        if self.switch is None and st["switch"] is not None:
-            raise ValueError("state_dict['switch'] must be None without a switch")
-        switch = None if self.switch is None else self.switch.parse_state(st["switch"])
-        stream = self._parse_stream_state(st)
-        if stream["steps"] != steps_importance + steps_uniform:
-            raise ValueError(
-                f"state_dict['steps']={stream['steps']} must equal steps_importance + "
-                f"steps_uniform = {steps_importance + steps_uniform}"
-            )
-        # all checked: restore
-        self._switch.restore(*tau, None if switch is None else switch["shared"])
-        if switch is not None:
-            self.switch.restore(switch)
-        self._reuse.restore(reuse)
-        self.presamples, self.weighted_rows, self._rows = presamples, weighted_rows, rows
-        self._draw.restore(draws)
-        self._stream.restore(position)
-        self.steps_importance, self.steps_uniform = steps_importance, steps_uniform
-        self._restore_stream(stream)
