@@ -38,8 +38,9 @@ def grads_in_forward(logits: torch.Tensor, target: torch.Tensor):
     """The native library (``fastis._native``) when ``cross_entropy`` forms the gradient in
     forward into a buffer (``GradInForward``), else None: eager mode, float32 CPU logits on
     the native library, a gradient wanted for the logits and none for the target, no
-    forward-mode AD. Elsewhere the gradient is formed in backward (16-bit logits too: there
-    the stored gradient would be rounded twice when the incoming gradient is not 1)."""
+    forward-mode AD, no ``torch.func`` transform. Elsewhere the gradient is formed in
+    backward (16-bit logits too: there the stored gradient would be rounded twice when the
+    incoming gradient is not 1)."""
     if not (
         type(logits) is torch.Tensor
         and logits.requires_grad
@@ -51,6 +52,7 @@ def grads_in_forward(logits: torch.Tensor, target: torch.Tensor):
         and forward_ad._current_level < 0
         and not torch.compiler.is_compiling()
         and not dispatch_modes()
+        and not torch._C._are_functorch_transforms_active()  # torch.func: the op's path
     ):
         return None
     kernels = kernels_for(logits)

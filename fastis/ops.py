@@ -163,12 +163,15 @@ def _backward(ctx, grad_loss, grad_score):
     ignore_index, eps = ctx.ignore_index, ctx.label_smoothing
     grad_logits = grad_target = None
     if ctx.needs_input_grad[0]:
-        # through the op when a graph of the backward is wanted (it differentiates again)
-        grad_fn = (
-            softmax_xent_grad
-            if torch.is_grad_enabled()
-            else _direct(logits, softmax_xent_grad, _softmax_xent_grad_kernel)
-        )
+        # through the op when a graph of the backward is wanted (it differentiates again);
+        # under torch.func transforms the torch path's ops, which they see through (a
+        # custom op's autograd refuses them there)
+        if torch._C._are_functorch_transforms_active():
+            grad_fn = _torch_softmax_xent_grad
+        elif torch.is_grad_enabled():
+            grad_fn = softmax_xent_grad
+        else:
+            grad_fn = _direct(logits, softmax_xent_grad, _softmax_xent_grad_kernel)
         grad_logits = grad_fn(logits, target, ignore_index, eps, grad_loss)
     if ctx.needs_input_grad[1]:  # soft targets: dloss / dt_j = -(1 - eps) log p_j
         log_p = torch.log_softmax(logits.to(out_dtype(logits)), -1)
@@ -304,6 +307,29 @@ class _SoftmaxXent(EagerFunction):
         )
     )
     backward = staticmethod(_backward)
+
+    @staticmethod
+    def vmap(info, in_dims, logits, target, ignore_index, label_smoothing, compute_score):
+        """``torch.func.vmap``: the batched rows are more rows of the same op (every row is
+        independent), with the mapped dimension moved to the front."""
+        size = info.batch_size
+
+        def front(t, dim):
+            return t.expand(size, *t.shape) if dim is None else t.movedim(dim, 0)
+
+        logits, target = front(logits, in_dims[0]), front(target, in_dims[1])
+        rows = logits.shape[:-1]
+        soft = target.is_floating_point()
+        flat_target = target.reshape(-1, target.shape[-1]) if soft else target.reshape(-1)
+        loss, score = _SoftmaxXent.apply(
+            logits.reshape(-1, logits.shape[-1]),
+            flat_target,
+            ignore_index,
+            label_smoothing,
+            compute_score,
+        )
+        score = score.reshape(rows) if compute_score else score.expand(size, 0)
+        return (loss.reshape(rows), score), (0, 0)
 
     @staticmethod
     def jvp(ctx, d_logits, d_target, *_):

@@ -11,7 +11,7 @@ import torch
 from fastis._checks import bool_arg, check_logits_target, check_rows, index_arg
 from fastis.class_weight import apply_class_weight, check_class_weight
 from fastis.constants import IGNORE_INDEX
-from fastis.ops import _direct, _softmax_xent_kernel, softmax_xent
+from fastis.ops import _direct, _softmax_xent_kernel, _SoftmaxXent, softmax_xent
 
 
 def score(
@@ -106,7 +106,10 @@ def score(
 def row_scores(logits, target, ignore_index: int, eps: float) -> torch.Tensor:
     """Per-row scores ``[N]`` / ``[B, T]`` of the op ``fastis::softmax_xent``: in plain
     eager mode the registered kernel itself (the op's dispatcher costs tens of microseconds
-    a call), the op elsewhere (under ``torch.compile``, dispatch modes, tensor subclasses)."""
+    a call), the op elsewhere (under ``torch.compile``, dispatch modes, tensor subclasses),
+    and under ``torch.func`` transforms the op's ``autograd.Function`` (its vmap rule)."""
+    if torch._C._are_functorch_transforms_active():  # torch.func.vmap: its batching rule
+        return _SoftmaxXent.apply(logits, target, ignore_index, eps, True)[1]
     kernel = _direct(logits, softmax_xent, _softmax_xent_kernel)
     return kernel(logits, target, ignore_index, eps, True)[1]
 

@@ -467,3 +467,33 @@ def test_few_op_score_matches_one_pass_formula(ignore_index, dtype):
     torch.testing.assert_close(
         clean, got[keep], rtol=4 * torch.finfo(dtype).eps, atol=0, equal_nan=True
     )
+
+
+def _vmap_check(device, soft):
+    g = torch.Generator().manual_seed(11)
+    z = (3 * torch.randn(4, 5, 6, generator=g)).to(device)
+    y = torch.rand(4, 5, 6, generator=g).softmax(-1) if soft else torch.randint(0, 6, (4, 5))
+    y = y.to(device)
+
+    def oracle(z, y):
+        return reference.softmax_xent(z.double(), y.double() if soft else y)[1]
+
+    got = torch.func.vmap(fastis.score)(z, y)
+    torch.testing.assert_close(got.double(), oracle(z, y), rtol=1e-5, atol=1e-6)
+    shared = torch.func.vmap(fastis.score, in_dims=(0, None))(z, y[0])
+    torch.testing.assert_close(
+        shared.double(), oracle(z, y[0].expand(y.shape)), rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_vmap(backend, device, soft):
+    """``torch.func.vmap`` over a leading dimension: the scores of the stacked rows, as the
+    float64 reference gives them (the op's batching rule)."""
+    _vmap_check(device, soft)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_vmap_native(native, monkeypatch, soft):
+    monkeypatch.setenv("FASTIS_BACKEND", "native")
+    _vmap_check("cpu", soft)
