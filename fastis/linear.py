@@ -13,7 +13,7 @@ import torch
 from fastis._checks import bool_arg, float_arg, index_arg
 from fastis.constants import IGNORE_INDEX, INDEX_DTYPES, REDUCTIONS
 from fastis.linear_ops import grads_in_forward, linear_xent, linear_xent_fused
-from fastis.loss import reduce_rows, weight_factor
+from fastis.loss import cross_entropy, reduce_rows, weight_factor
 from fastis.ops import count_rows
 from fastis.score import scale_by_features, sequence_norm
 
@@ -106,7 +106,11 @@ def linear_cross_entropy(
     if target.dtype == torch.uint8:
         target = target.long()
     rows = hidden.shape[:-1]
-    if grads_in_forward(hidden, weight, bias, reduction):
+    if torch._C._are_functorch_transforms_active():
+        loss, g = _materialised(
+            hidden, weight, bias, target, factor, reduction, ignore_index, eps, return_score
+        )
+    elif grads_in_forward(hidden, weight, bias, reduction):
         loss, g = _fused(
             hidden, weight, bias, target, factor, reduction, ignore_index, eps, return_score
         )
@@ -120,6 +124,26 @@ def linear_cross_entropy(
     if score == "features":
         g = scale_by_features(g, hidden.detach(), bias is not None)
     return loss, sequence_norm(g, hidden).float()
+
+
+def _materialised(hidden, weight, bias, target, factor, reduction, ignore_index, eps, return_score):
+    """``(loss, score)`` under ``torch.func`` transforms (``grad``, ``vmap``: per-sample
+    gradients), which refuse the custom ops' autograd: the logits formed whole and
+    ``fastis.cross_entropy`` over their rows (the same loss, reductions and score)."""
+    rows = hidden.shape[:-1]
+    logits = torch.nn.functional.linear(hidden.reshape(-1, hidden.shape[-1]), weight, bias)
+    row_weight = None if factor is None else factor.expand(rows).reshape(-1)
+    out = cross_entropy(
+        logits,
+        target.reshape(-1),
+        sample_weight=row_weight,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        label_smoothing=eps,
+        return_score=return_score,
+    )
+    loss, g = out if return_score else (out, None)
+    return (loss.view(rows) if reduction == "none" else loss), g
 
 
 def _recomputing(hidden, weight, bias, target, factor, reduction, ignore_index, eps, return_score):

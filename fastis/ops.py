@@ -371,6 +371,7 @@ def softmax_xent_autograd(
         and logits.is_cpu
         and logits.shape[-1] > 0
         and not dispatch_modes()
+        and not torch._C._are_functorch_transforms_active()  # torch.func: the vmap rule
         and kernels_for(logits) is None
     )
     if not eager_cpu:
