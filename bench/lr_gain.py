@@ -135,7 +135,7 @@ def phi_check(args, data, steps=(250, 1000, 2500), lr=0.1, repeats=32):
     torch.manual_seed(0)
     model = models.build("demo")
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    gain = fastis.LRGain(opt, _Uniform(), max_gain=1.0)
+    gain = fastis.LRGain(opt, _Uniform(), max_gain=1.0, measure_uniform=True)
     gen = torch.Generator().manual_seed(0)
     rows = []
     for step in range(1, max(steps) + 1):

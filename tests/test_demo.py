@@ -18,6 +18,7 @@ from fastis import cli  # noqa: E402
 from fastis.demo import baselines, data, interleave, report, train  # noqa: E402
 from fastis.demo.config import (  # noqa: E402
     DEFAULT_LR,
+    GAINED,
     METHODS,
     SCHEDULES,
     VARIANTS,
@@ -365,8 +366,11 @@ def test_every_schedule_has_a_rate_for_every_method():
     assert set(DEFAULT_LR) == set(SCHEDULES)
     for rates in DEFAULT_LR.values():
         assert set(rates) == set(METHODS) | {"infobatch", "selective-backprop"}
-        for v in VARIANTS:  # until swept: upper-bound's
-            assert rates[v] == rates["upper-bound"]
+        for v in VARIANTS:  # until swept: upper-bound's (the gain's: a base rate of its own)
+            if v not in GAINED:
+                assert rates[v] == rates["upper-bound"]
+            else:
+                assert math.isfinite(rates[v]) and rates[v] > 0
 
 
 def _synthetic(n=320, n_test=80, seed=0):
@@ -572,6 +576,97 @@ def test_variants_construct_and_train(method):
         assert stats["weighted_rows"] <= 5 * 16
 
 
+def _skewed(n=320, n_test=80, seed=0):
+    """Separable classes with 10% of the labels redrawn: once the clean rows are learned,
+    the scores are skewed (tau and the variance reduction well above 1)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n + n_test,), generator=g)
+    x = torch.randn(n + n_test, 40, generator=g)
+    x[torch.arange(n + n_test), 4 * y] += 8.0
+    noisy = torch.rand(n + n_test, generator=g) < 0.1
+    y = torch.where(noisy, torch.randint(0, 10, (n + n_test,), generator=g), y)
+    return x[:n], y[:n], x[n:], y[n:]
+
+
+@pytest.mark.parametrize("method", GAINED)
+def test_gain_variants_scale_the_rate_of_importance_steps(method):
+    cfg = RunConfig(
+        method=method,
+        budget=1e6,  # the constant rate throughout
+        lr=0.1,
+        batch_size=16,
+        presample_size=96,
+        evals=1,
+        schedule="constant",
+    )
+    trainer = train.Trainer(cfg, _skewed(), model_fn=lambda: MNIST1DCNN(channels=4))
+    s, gain = trainer.method.sampler, trainer.method.gain
+    assert isinstance(gain, fastis.LRGain) and gain.optimizer is trainer.opt
+    assert gain.max_gain == cfg.max_gain == 2.0
+    assert isinstance(s.switch, fastis.MeasuredSwitch) == ("measured" in VARIANTS[method])
+    if s.switch is None:
+        s.tau_th = -1.0  # importance steps from the first
+    s.a_tau, gain.min_steps = 0.0, 2  # tau and the gain respond within these few steps
+    applied, gains, vrs = [], [], []
+    trainer.opt.register_step_pre_hook(  # after the gain's own: the scaled rate
+        lambda opt, args, kwargs: applied.append(opt.param_groups[0]["lr"])
+    )
+    for _ in range(16):
+        assert math.isfinite(float(trainer.step().detach()))
+        gains.append(gain.gain)
+        vrs.append(s.variance_reduction)
+        assert trainer.opt.param_groups[0]["lr"] == cfg.lr  # the schedule's, put back
+        assert trainer.method.state()["gain"] == gain.gain
+    for lr, g, vr in zip(applied, gains, vrs, strict=True):
+        assert lr == pytest.approx(cfg.lr * g, rel=1e-12)
+        assert 1.0 <= g <= min(2.0, max(vr, 1.0))  # capped, and 1 unless VR > 1
+    record = trainer.result()["sampler"]["lr_gain"]
+    gained = [g for g in gains if g != 1.0]
+    assert record["gained_steps"] == len(gained)
+    assert record["mean_gain_when_gained"] == pytest.approx(
+        sum(gained) / len(gained) if gained else 1.0
+    )
+    assert record["max_gain"] == 2.0
+    # (NaN until a pair of consecutive importance steps is read: uniform ones are not)
+    phi = record["noise_share"]
+    assert 0.0 <= phi <= 1.0 if gain._count else math.isnan(phi)
+    if s.switch is None:  # Algorithm 1 on every step: tau rises, the gain scales some
+        assert len(gained) >= 3 and max(gained) == 2.0
+    else:  # the measured switch starts uniform: the rate untouched there
+        assert all(g == 1.0 for g, vr in zip(gains, vrs, strict=True) if vr == 1.0)
+
+
+def test_gain_variants_run_through_the_public_path_and_need_the_optimizer():
+    data = _skewed()
+    cfg = RunConfig(
+        method="upper-bound-gain", budget=0.3, lr=0.05, batch_size=16, presample_size=48, evals=2
+    )
+    record = train.run(cfg, data, model_fn=lambda: MNIST1DCNN(channels=4))
+    assert record["steps"] > 0 and math.isfinite(record["final_train_loss"])
+    assert record["config"]["max_gain"] == 2.0
+    assert record["sampler"]["lr_gain"]["gained_steps"] <= record["steps_importance"]
+    json.loads(report.to_json(record))  # the gain's NaN noise share, if any, strict JSON
+    from fastis.demo.methods import make_method
+
+    with pytest.raises(ValueError, match="'upper-bound-gain' scales the optimizer's rates"):
+        make_method(cfg, len(data[0]))
+    plain = make_method(dataclasses.replace(cfg, method="upper-bound"), len(data[0]))
+    assert plain.gain is None and "lr_gain" not in plain.summary()
+    assert "gain" not in plain.state()
+
+
+def test_cli_accepts_the_gain_variants():
+    args = cli.build_parser().parse_args(
+        ["demo", "--methods", "uniform,upper-bound-gain,upper-bound-measured-gain"]
+    )
+    assert args.methods == ["uniform", "upper-bound-gain", "upper-bound-measured-gain"]
+    args = cli.build_parser().parse_args(["demo", "--methods", "upper-bound-gain"])
+    assert args.methods == ["upper-bound-gain"]
+    for schedule in SCHEDULES:
+        for m in GAINED:
+            assert math.isfinite(DEFAULT_LR[schedule][m]) and DEFAULT_LR[schedule][m] > 0
+
+
 @pytest.mark.parametrize("method", ["history", "history-stable"])
 def test_history_methods_construct_and_train(method):
     data = _synthetic()
@@ -722,10 +817,12 @@ def test_default_rates_per_workload():
             for w in ("wide-cnn", "tabular-mlp"):
                 rate = default_lr(w, schedule, m)
                 assert math.isfinite(rate) and rate > 0
-                if m in VARIANTS:
+                if m in VARIANTS and m not in GAINED:
                     assert rate == default_lr(w, schedule, "upper-bound")
-                if schedule != "constant":  # one rate for the decaying schedules
-                    assert rate == default_lr(w, "paper-step", m)
+                    if schedule != "constant":  # one rate for the decaying schedules
+                        assert rate == default_lr(w, "paper-step", m)
+                if m in GAINED and schedule in ("constant", "step"):  # not tuned there:
+                    assert rate == default_lr(w, schedule, "upper-bound") / 2  # over the cap
     with pytest.raises(ValueError, match="unknown workload 'resnet'"):
         default_lr("resnet", "step", "uniform")
     with pytest.raises(ValueError, match="unknown schedule 'linear'"):

@@ -35,7 +35,9 @@ class Synthetic:
     (float64 draws from a fixed seed), fed to an SGD optimizer with an ``LRGain``; logs the
     rate each step ran with (read inside ``optimizer.step``, after the gain's hook)."""
 
-    def __init__(self, *, sigma2, grad2=1.0, lr=0.1, seed=0, tensor_lr=False, **kw):
+    def __init__(
+        self, *, sigma2, grad2=1.0, lr=0.1, seed=0, tensor_lr=False, measure_uniform=True, **kw
+    ):
         self.gen = torch.Generator().manual_seed(seed)
         g = torch.randn(P, generator=self.gen, dtype=torch.float64)
         self.g = g * math.sqrt(grad2) / g.norm()
@@ -44,7 +46,7 @@ class Synthetic:
         rate = torch.tensor(lr) if tensor_lr else lr
         self.opt = torch.optim.SGD([self.p], lr=rate)
         self.sampler = Stub()
-        self.gain = fastis.LRGain(self.opt, self.sampler, **kw)
+        self.gain = fastis.LRGain(self.opt, self.sampler, measure_uniform=measure_uniform, **kw)
         self.rates = []
         self.opt.register_step_pre_hook(
             lambda o, a, k: self.rates.append(float(o.param_groups[0]["lr"]))
@@ -135,6 +137,22 @@ def test_gain_follows_the_noise_share():
         noisy.step(1.0), clean.step(1.0)
     assert noisy.step(4.0) > 3.5
     assert 1.0 < clean.step(4.0) < 1.1
+
+
+def test_uniform_steps_are_not_measured_by_default():
+    """By default a uniform step costs nothing (no pair, no buffer) and breaks the pair:
+    the pairs are consecutive importance steps only."""
+    s = Synthetic(sigma2=3.0, measure_uniform=False, min_steps=2)
+    for _ in range(20):
+        assert s.step(1.0) == 1.0
+    assert s.gain._count == 0 and s.gain._prev is None and s.gain._spare is None
+    gains = [s.step(4.0) for _ in range(4)]  # pairs from the 2nd, read from the 3rd
+    assert s.gain._count == 2 and gains[:3] == [1.0] * 3 and gains[3] > 1.0
+    s.step(1.0)  # a uniform step in between: no pair across it
+    s.step(4.0)
+    assert s.gain._count == 3 and s.gain._pending is None  # the 4th pair read, none new
+    s.step(4.0)
+    assert s.gain._pending is not None
 
 
 def test_min_steps_holds_the_gain_at_one():

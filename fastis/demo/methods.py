@@ -23,6 +23,10 @@ Every method has ``step(model, x, y, fraction) -> loss`` (a scalar to backpropag
 - ``upper-bound-constant-noise``: ``constant_noise=True`` (the noise of a uniform batch of
   ``b``, fewer rows backpropagated).
 - ``upper-bound-measured-reuse``: the measured switch and the reuse together.
+- ``upper-bound-gain``: Algorithm 1 with ``fastis.LRGain(optimizer, sampler,
+  max_gain=cfg.max_gain)``: the run's rate times AdaScale's gain (up to the cap) on an
+  importance step, the schedule's own on a uniform one.
+- ``upper-bound-measured-gain``: the measured switch and the gain together.
 - ``infobatch``, ``selective-backprop``: the peers' rules (``fastis.demo.baselines``).
 """
 
@@ -59,12 +63,38 @@ class Uniform:
         return {"steps_importance": 0}
 
 
-class Sampled:
-    """A fastis sampler driving the steps: select, train, feed the scores back."""
+class GainLog:
+    """What a ``fastis.LRGain`` did: the optimizer steps whose rate it scaled and their
+    mean gain (read by a step post-hook registered after the gain's own, so each step's
+    gain is final when it is read; host floats only, no synchronisation)."""
 
-    def __init__(self, sampler, feedback: str):
+    def __init__(self, gain: fastis.LRGain):
+        self.gain, self.gained_steps, self._sum = gain, 0, 0.0
+        gain.optimizer.register_step_post_hook(self._log)
+
+    def _log(self, optimizer, args, kwargs) -> None:
+        if self.gain.gain != 1.0:
+            self.gained_steps += 1
+            self._sum += self.gain.gain
+
+    def summary(self) -> dict:
+        return {
+            "max_gain": self.gain.max_gain,
+            "gained_steps": self.gained_steps,
+            "mean_gain_when_gained": self._sum / self.gained_steps if self.gained_steps else 1.0,
+            "noise_share": self.gain.noise_share,  # NaN before any gradient pair
+        }
+
+
+class Sampled:
+    """A fastis sampler driving the steps: select, train, feed the scores back; with
+    ``gain`` (a ``fastis.LRGain`` on the run's optimizer), its gains reported too."""
+
+    def __init__(self, sampler, feedback: str, gain: fastis.LRGain | None = None):
         self.sampler, self.feedback = sampler, feedback
         self.batches = None  # index tensors, on the data's device (no Python lists)
+        self.gain = gain
+        self.gain_log = None if gain is None else GainLog(gain)
 
     def step(self, model, x, y, fraction):
         if self.batches is None:
@@ -86,12 +116,18 @@ class Sampled:
 
     def state(self):
         s = self.sampler
-        if isinstance(s, fastis.ImportanceSampler):
-            return {"tau": s.tau, "mode": "IS" if s.is_active else "uniform"}
-        return {"tau": s.tau, "mode": "history"}
+        if not isinstance(s, fastis.ImportanceSampler):
+            return {"tau": s.tau, "mode": "history"}
+        state = {"tau": s.tau, "mode": "IS" if s.is_active else "uniform"}
+        if self.gain is not None:
+            state["gain"] = self.gain.gain  # the last optimizer step's
+        return state
 
     def summary(self):
-        return self.sampler.stats()
+        stats = self.sampler.stats()
+        if self.gain_log is not None:
+            stats["lr_gain"] = self.gain_log.summary()
+        return stats
 
 
 def _per_sample_loss(outputs, targets):
@@ -126,6 +162,7 @@ def make_method(
     n: int,
     lr_share: Callable[[], float] | None = None,
     clock: Callable[[], float] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ):
     """The method ``cfg.method`` over a training set of ``n`` examples.
 
@@ -134,6 +171,8 @@ def make_method(
             ``noise_share``; default: always 1).
         clock: the host clock of the measured switch's step times (default
             ``time.perf_counter``; the trainer passes its own training clock).
+        optimizer: the run's optimizer, which the ``-gain`` variants' ``fastis.LRGain``
+            hooks (required for them, unused by the others).
     """
     if cfg.method == "uniform":
         return Uniform(n, cfg)
@@ -157,7 +196,15 @@ def make_method(
         )
     if cfg.method in ("upper-bound", "loss") or cfg.method in VARIANTS:
         sampler = _importance(cfg, n, lr_share, clock)
-        return Sampled(sampler, feedback="loss" if cfg.method == "loss" else "score")
+        gain = None
+        if "gain" in VARIANTS.get(cfg.method, ()):
+            if optimizer is None:
+                raise ValueError(
+                    f"method {cfg.method!r} scales the optimizer's rates: pass optimizer"
+                )
+            gain = fastis.LRGain(optimizer, sampler, max_gain=cfg.max_gain)
+        feedback = "loss" if cfg.method == "loss" else "score"
+        return Sampled(sampler, feedback=feedback, gain=gain)
     if cfg.method == "infobatch":
         return baselines.InfoBatch(n, cfg)
     if cfg.method == "selective-backprop":

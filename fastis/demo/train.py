@@ -107,7 +107,10 @@ class Trainer:
         self.model = (model_fn() if model_fn else models.build(cfg.workload)).to(cfg.device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
         self.clock = TrainingClock(clock)
-        self.method = make_method(cfg, len(x), lr_share=self._lr_share, clock=self.clock)
+        # the optimizer goes to the method too: the '-gain' variants hook its step
+        self.method = make_method(
+            cfg, len(x), lr_share=self._lr_share, clock=self.clock, optimizer=self.opt
+        )
         self.cuda = torch.device(cfg.device).type == "cuda"
         self.curve = {"time": [], "train_loss": [], "test_error": [], "step": []}
         self.steps, self.slices = 0, 0

@@ -45,17 +45,20 @@ underestimates ``|g|^2`` at high rates and ``phi`` leans high (on the demo CNN, 
 the truth from the whole training set's gradient: 0.80 for 0.64 at step 250, then 0.88
 and 0.94 for 0.94 and 0.93 at steps 1,000 and 2,500; ``bench/results/lr_gain_cpu.md``); with
 ``draws_per_presample k > 1`` consecutive importance steps share a presample, whose noise
-(about ``sigma^2 b / B``) adds to ``y`` and lowers ``phi``. Cost per step: one copy of the
-gradients into the buffer and two dot products (memory-bound, about one more pass over
-the gradients than the optimizer makes), and one float32 buffer of the gradients' size
-kept between steps.
+(about ``sigma^2 b / B``) adds to ``y`` and lowers ``phi``. Cost per measured step: one copy
+of the gradients into the buffer and two dot products (memory-bound, about one more pass
+over the gradients than the optimizer makes), and one float32 buffer of the gradients'
+size kept between steps. By default only importance steps are measured (pairs of
+consecutive ones; ``x_t``'s factor ``rho_t`` makes them estimate the same ``sigma^2``), so
+that a run whose switch stays off pays nothing: measured on every step, the tabular MLP's
+uniform step cost 10-14 % more (``bench/results/e2e_cpu_gain_summary.md``).
 """
 
 import math
 
 import torch
 
-from fastis._checks import float_arg, int_arg
+from fastis._checks import bool_arg, float_arg, int_arg
 from fastis.sampling.checks import check_header, state_float, state_int
 
 _VERSION = 1
@@ -98,6 +101,10 @@ class LRGain:
         a_noise: smoothing of the gradient statistics ``X``, ``Y``, in ``[0, 1)`` (default
             0.95).
         min_steps: gradient pairs averaged before the gain may leave 1 (default 10).
+        measure_uniform: also measure the gradients of uniform steps (the estimate is then
+            warm when importance sampling turns on, but every step pays the measurement);
+            by default only pairs of consecutive importance steps are measured, and a
+            uniform step costs nothing (it also breaks the pair).
 
     Attributes:
         gain: the gain of the last ``optimizer.step`` (1.0 before any).
@@ -127,6 +134,7 @@ class LRGain:
         max_gain: float = 2.0,
         a_noise: float = 0.95,
         min_steps: int = 10,
+        measure_uniform: bool = False,
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -145,6 +153,7 @@ class LRGain:
         if not 0.0 <= self.a_noise < 1.0:
             raise ValueError(f"a_noise must be in [0, 1), got {self.a_noise}")
         self.min_steps = int_arg("min_steps", min_steps)
+        self.measure_uniform = bool_arg("measure_uniform", measure_uniform)
         self.optimizer, self.sampler = optimizer, sampler
         self.gain = 1.0
         self._x = self._y = 0.0  # exponential averages of x_t, y_t (not bias-corrected)
@@ -227,7 +236,10 @@ class LRGain:
         self._restore()  # a step that raised left its rates scaled
         rho = float(self.sampler.variance_reduction)
         self._fold()
-        self._measure(rho)
+        if rho > 1.0 or self.measure_uniform:
+            self._measure(rho)
+        else:  # a uniform step, not measured: the next pair starts after it
+            self._prev = None
         self.gain = gain = self._step_gain(rho)
         if gain == 1.0:
             return
@@ -264,7 +276,12 @@ class LRGain:
     # -- checkpoints ------------------------------------------------------------------------
 
     def _config(self) -> dict:
-        return {"max_gain": self.max_gain, "a_noise": self.a_noise, "min_steps": self.min_steps}
+        return {
+            "max_gain": self.max_gain,
+            "a_noise": self.a_noise,
+            "min_steps": self.min_steps,
+            "measure_uniform": self.measure_uniform,
+        }
 
     def state_dict(self) -> dict:
         """Plain values and a CPU tensor: the configuration (checked on load), ``gain``,
@@ -325,5 +342,6 @@ class LRGain:
     def __repr__(self) -> str:
         return (
             f"LRGain(max_gain={self.max_gain}, a_noise={self.a_noise}, "
-            f"min_steps={self.min_steps}, gain={self.gain:.4g})"
+            f"min_steps={self.min_steps}, measure_uniform={self.measure_uniform}, "
+            f"gain={self.gain:.4g})"
         )
