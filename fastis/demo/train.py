@@ -174,7 +174,7 @@ class Trainer:
                 self._record()
                 self._next_eval += self.cfg.budget / self.cfg.evals
             if progress is not None and clock - self._last_report >= 0.5:
-                value = float(loss)
+                value = float(loss.detach())
                 running = self._running
                 self._running = (
                     value
